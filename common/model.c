@@ -1,0 +1,140 @@
+/* Model tensor tables; see model.h. */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cohort_err.h"
+
+void coh_model_init(struct coh_model *m)
+{
+    memset(m, 0, sizeof *m);
+}
+
+void coh_model_fini(struct coh_model *m)
+{
+    for (size_t i = 0; i < m->ntensors; i++)
+        free(m->tensors[i].name);
+    free(m->tensors);
+    free(m->data);
+    memset(m, 0, sizeof *m);
+}
+
+int coh_model_add(struct coh_model *m, const char *name, int ndim, const uint64_t *shape)
+{
+    size_t nlen = strlen(name);
+    if (nlen == 0 || nlen > COH_MAX_NAME || ndim < 0 || ndim > COH_MAX_DIMS)
+        return COHORT_EINVAL;
+    if (coh_model_find(m, name))
+        return COHORT_EINVAL;
+    uint64_t numel = 1;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] != 0 && numel > (UINT64_MAX / 8) / shape[d])
+            return COHORT_ETOOBIG;
+        numel *= shape[d];
+    }
+    /* Keep byte counts representable in size_t and away from overflow. */
+    if (numel > (SIZE_MAX / 8) || m->numel + numel > (SIZE_MAX / 8))
+        return COHORT_ETOOBIG;
+    struct coh_tensor *nt = realloc(m->tensors, (m->ntensors + 1) * sizeof *nt);
+    if (!nt)
+        return COHORT_ENOMEM;
+    m->tensors = nt;
+    struct coh_tensor *t = &m->tensors[m->ntensors];
+    memset(t, 0, sizeof *t);
+    t->name = strdup(name);
+    if (!t->name)
+        return COHORT_ENOMEM;
+    t->ndim = ndim;
+    for (int d = 0; d < ndim; d++)
+        t->shape[d] = shape[d];
+    t->offset = m->numel;
+    t->numel = (size_t)numel;
+    m->numel += (size_t)numel;
+    m->ntensors++;
+    return 0;
+}
+
+int coh_model_alloc(struct coh_model *m)
+{
+    free(m->data);
+    m->data = NULL;
+    size_t bytes = m->numel * sizeof(float);
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    if (rounded == 0)
+        rounded = 64;
+    m->data = aligned_alloc(64, rounded);
+    if (!m->data)
+        return COHORT_ENOMEM;
+    memset(m->data, 0, rounded);
+    return 0;
+}
+
+int coh_model_clone(struct coh_model *dst, const struct coh_model *src, int copy_data)
+{
+    coh_model_init(dst);
+    for (size_t i = 0; i < src->ntensors; i++) {
+        const struct coh_tensor *t = &src->tensors[i];
+        int rc = coh_model_add(dst, t->name, t->ndim, t->shape);
+        if (rc < 0) {
+            coh_model_fini(dst);
+            return rc;
+        }
+    }
+    int rc = coh_model_alloc(dst);
+    if (rc < 0) {
+        coh_model_fini(dst);
+        return rc;
+    }
+    if (copy_data && src->data)
+        memcpy(dst->data, src->data, src->numel * sizeof(float));
+    return 0;
+}
+
+int coh_model_same_layout(const struct coh_model *a, const struct coh_model *b)
+{
+    if (a->ntensors != b->ntensors || a->numel != b->numel)
+        return 0;
+    for (size_t i = 0; i < a->ntensors; i++) {
+        const struct coh_tensor *x = &a->tensors[i], *y = &b->tensors[i];
+        if (x->ndim != y->ndim || strcmp(x->name, y->name) != 0)
+            return 0;
+        for (int d = 0; d < x->ndim; d++)
+            if (x->shape[d] != y->shape[d])
+                return 0;
+    }
+    return 1;
+}
+
+const struct coh_tensor *coh_model_find(const struct coh_model *m, const char *name)
+{
+    for (size_t i = 0; i < m->ntensors; i++)
+        if (strcmp(m->tensors[i].name, name) == 0)
+            return &m->tensors[i];
+    return NULL;
+}
+
+int coh_model_all_finite(const struct coh_model *m)
+{
+    for (size_t i = 0; i < m->numel; i++)
+        if (!isfinite(m->data[i]))
+            return 0;
+    return 1;
+}
+
+void coh_model_describe(const struct coh_model *m, char *buf, size_t len)
+{
+    size_t o = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < m->ntensors && o + 1 < len; i++) {
+        const struct coh_tensor *t = &m->tensors[i];
+        o += (size_t)snprintf(buf + o, len - o, "%s%s[", i ? " " : "", t->name);
+        for (int d = 0; d < t->ndim && o + 1 < len; d++)
+            o += (size_t)snprintf(buf + o, len - o, "%s%llu", d ? "x" : "",
+                                  (unsigned long long)t->shape[d]);
+        if (o + 1 < len)
+            o += (size_t)snprintf(buf + o, len - o, "]");
+    }
+}

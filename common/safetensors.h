@@ -1,0 +1,39 @@
+/*
+ * safetensors read/write for float32 models: an 8-byte little-endian header
+ * length, a JSON header {"name": {"dtype","shape","data_offsets"}, ...}, then
+ * raw little-endian data. Parsing is strict: every offset, shape and size is
+ * checked before use and any mismatch is an error with a message, never a crash.
+ * Tensors are ordered by their data offsets. Any thread.
+ */
+#ifndef COH_SAFETENSORS_H
+#define COH_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model.h"
+
+struct coh_st_limits {
+    size_t max_tensors;     /* 0: 65536 */
+    uint64_t max_bytes;     /* data bytes; 0: 16 GiB */
+};
+
+/* Parses a whole file image. On error returns COHORT_EFORMAT (or ETOOBIG,
+ * ENOMEM) and writes a sentence into err. */
+int coh_st_parse(const uint8_t *buf, size_t len, const struct coh_st_limits *lim,
+                 struct coh_model *m, char *err, size_t errlen);
+/* Reads a file, checking sizes before allocating. */
+int coh_st_load(const char *path, const struct coh_st_limits *lim, struct coh_model *m,
+                char *err, size_t errlen);
+/* Serializes into a new malloc'ed buffer. */
+int coh_st_serialize(const struct coh_model *m, uint8_t **buf, size_t *len);
+/* Writes path via path.tmp; durable: fsync file and directory around the
+ * rename, so after a crash the file is either absent or complete. sha256 (may be
+ * NULL) receives the digest of the file's bytes. */
+int coh_st_save(const char *path, const struct coh_model *m, int durable, uint8_t sha256[32]);
+
+/* sha256 of a file's contents; 0 or negative error. */
+int coh_sha256_file(const char *path, uint8_t out[32]);
+void coh_hex(const uint8_t *in, size_t n, char *out /* 2n+1 */);
+
+#endif

@@ -1,0 +1,532 @@
+/*
+ * Connections: accept, TLS over memory BIOs, frame reassembly, writes with
+ * accounting, model streaming with a bounded send window, back-pressure and
+ * closing. Loop thread only.
+ *
+ * Reads land in one server-wide buffer and are pushed into the connection's
+ * read BIO at once, so an idle connection holds no read buffer. Ciphertext
+ * produced by OpenSSL is moved from the write BIO into one heap block per
+ * uv_write. A model is streamed chunk by chunk, only while less than
+ * SEND_WINDOW bytes are queued for that connection, so broadcasting to many
+ * clients costs O(window) per connection, not O(model).
+ */
+#include "conn.h"
+
+#include <openssl/err.h>
+#include <openssl/x509.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cohort_err.h"
+#include "dispatch.h"
+#include "log.h"
+#include "round.h"
+#include "server.h"
+#include "wire.h"
+
+#define SEND_WINDOW (512u << 10)
+#define CLOSE_GRACE_S 5.0
+
+struct wreq {
+    uv_write_t req;
+    struct conn *c;
+    size_t len;
+    uint8_t data[];
+};
+
+static void process(struct conn *c);
+
+const char *conn_label(const struct conn *c, char *buf, size_t len)
+{
+    if (c->name[0])
+        snprintf(buf, len, "conn %llu (CN=%s, %s)", (unsigned long long)c->id, c->name, c->peer);
+    else
+        snprintf(buf, len, "conn %llu (%s)", (unsigned long long)c->id, c->peer);
+    return buf;
+}
+
+static void conn_free(struct conn *c)
+{
+    struct server *s = c->srv;
+    if (c->prev)
+        c->prev->next = c->next;
+    else if (s->conn_list == c)
+        s->conn_list = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->nconns--;
+    upload_release(c);
+    coh_wire_free(c->pending_begin);
+    blob_unref(c->send_blob);
+    coh_frame_rx_fini(&c->rx);
+    SSL_free(c->ssl); /* frees both BIOs */
+    free(c);
+}
+
+static void deref(struct conn *c)
+{
+    if (--c->refs == 0)
+        conn_free(c);
+}
+
+static void on_close(uv_handle_t *h)
+{
+    struct conn *c = h->data;
+    c->handle_closed = 1;
+    deref(c);
+}
+
+static void force_close(struct conn *c)
+{
+    if (!uv_is_closing((uv_handle_t *)&c->tcp))
+        uv_close((uv_handle_t *)&c->tcp, on_close);
+}
+
+static void pump(struct conn *c);
+
+static void on_write(uv_write_t *req, int status)
+{
+    struct wreq *w = (struct wreq *)req;
+    struct conn *c = w->c;
+    c->tx_pending -= w->len;
+    free(w);
+    if (status < 0 && c->state != CONN_CLOSING)
+        conn_close(c, "write failed: %s", uv_strerror(status));
+    else if (c->state == CONN_CLOSING && c->tx_pending == 0)
+        force_close(c);
+    else
+        pump(c);
+    deref(c);
+}
+
+/* Moves whatever ciphertext OpenSSL produced onto the socket. */
+static void flush(struct conn *c)
+{
+    size_t n = BIO_ctrl_pending(c->wbio);
+    if (n == 0 || c->handle_closed || uv_is_closing((uv_handle_t *)&c->tcp)) {
+        if (n)
+            (void)BIO_reset(c->wbio);
+        return;
+    }
+    struct wreq *w = malloc(sizeof *w + n);
+    if (!w) {
+        (void)BIO_reset(c->wbio);
+        coh_err("conn", "conn %llu: out of memory for %zu bytes of output; closing",
+                (unsigned long long)c->id, n);
+        force_close(c);
+        return;
+    }
+    int got = BIO_read(c->wbio, w->data, (int)n);
+    w->c = c;
+    w->len = got > 0 ? (size_t)got : 0;
+    uv_buf_t b = uv_buf_init((char *)w->data, (unsigned int)w->len);
+    c->refs++;
+    c->tx_pending += w->len;
+    c->bytes_out += w->len;
+    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+    if (rc < 0) {
+        c->tx_pending -= w->len;
+        free(w);
+        c->refs--;
+        force_close(c);
+    }
+}
+
+static int ssl_write_all(struct conn *c, const uint8_t *p, size_t n)
+{
+    while (n > 0) {
+        int chunk = n > (1u << 30) ? (1 << 30) : (int)n;
+        int w = SSL_write(c->ssl, p, chunk);
+        if (w <= 0)
+            return COHORT_ETLS;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+int conn_send(struct conn *c, const Cohort__Envelope *e)
+{
+    if (c->state == CONN_CLOSING || c->state == CONN_HANDSHAKE)
+        return COHORT_ECLOSED;
+    uint8_t stackbuf[1024];
+    size_t n = coh_wire_frame_size(e);
+    uint8_t *buf = n <= sizeof stackbuf ? stackbuf : malloc(n);
+    if (!buf)
+        return COHORT_ENOMEM;
+    coh_wire_pack_into(e, buf);
+    int rc = ssl_write_all(c, buf, n);
+    if (buf != stackbuf)
+        free(buf);
+    flush(c);
+    return rc;
+}
+
+void conn_send_error(struct conn *c, int code, uint64_t round, int fatal, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    Cohort__Error er = COHORT__ERROR__INIT;
+    er.code = code;
+    er.message = msg;
+    er.round = round;
+    er.fatal = fatal;
+    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
+    e.body_case = COHORT__ENVELOPE__BODY_ERROR;
+    e.error = &er;
+    conn_send(c, &e);
+}
+
+static void pump(struct conn *c)
+{
+    struct model_blob *b = c->send_blob;
+    if (!b || c->state == CONN_CLOSING)
+        return;
+    int wrote = 0;
+    while (c->send_idx < b->nchunks && c->tx_pending + BIO_ctrl_pending(c->wbio) < SEND_WINDOW) {
+        size_t i = c->send_idx++;
+        if (ssl_write_all(c, b->frames + b->off[i], b->off[i + 1] - b->off[i]) < 0) {
+            conn_close(c, "TLS write failed while sending the model");
+            return;
+        }
+        wrote = 1;
+    }
+    if (c->send_idx >= b->nchunks) {
+        blob_unref(b);
+        c->send_blob = NULL;
+    }
+    if (wrote)
+        flush(c);
+}
+
+void conn_send_blob(struct conn *c, struct model_blob *b)
+{
+    blob_unref(c->send_blob);
+    c->send_blob = blob_ref(b);
+    c->send_idx = 0;
+    pump(c);
+}
+
+void conn_close(struct conn *c, const char *fmt, ...)
+{
+    if (c->state == CONN_CLOSING)
+        return;
+    struct server *s = c->srv;
+    char why[512], label[400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    coh_info("conn", "%s: closing: %s", conn_label(c, label, sizeof label), why);
+    int was_ready = c->state == CONN_READY;
+    c->state = CONN_CLOSING;
+    c->closing_at = server_now(s);
+    idmap_del(&s->conns_by_id, c->id);
+    if (c->client_id && idmap_get(&s->conns_by_client, (uint64_t)c->client_id) == c)
+        idmap_del(&s->conns_by_client, (uint64_t)c->client_id);
+    if (was_ready)
+        s->nready--;
+    round_conn_gone(s, c);
+    upload_release(c);
+    blob_unref(c->send_blob);
+    c->send_blob = NULL;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    /* A TLS close_notify after a final Error lets the peer read the reason. */
+    if (SSL_is_init_finished(c->ssl)) {
+        SSL_shutdown(c->ssl);
+        flush(c);
+    }
+    if (c->tx_pending == 0)
+        force_close(c);
+}
+
+void conn_pause(struct conn *c)
+{
+    if (!c->paused) {
+        c->paused = 1;
+        uv_read_stop((uv_stream_t *)&c->tcp);
+    }
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    struct conn *c = h->data;
+    buf->base = (char *)c->srv->readbuf;
+    buf->len = sizeof c->srv->readbuf;
+}
+
+static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
+{
+    struct conn *c = st->data;
+    if (nread == 0 || c->state == CONN_CLOSING)
+        return;
+    if (nread < 0) {
+        if (nread == UV_EOF)
+            conn_close(c, c->state == CONN_HANDSHAKE ? "peer closed during the TLS handshake"
+                                                     : "peer closed the connection");
+        else
+            conn_close(c, "read error: %s", uv_strerror((int)nread));
+        return;
+    }
+    c->last_rx = server_now(c->srv);
+    c->bytes_in += (uint64_t)nread;
+    if (BIO_write(c->rbio, buf->base, (int)nread) != (int)nread) {
+        conn_close(c, "out of memory buffering input");
+        return;
+    }
+    process(c);
+}
+
+void conn_resume(struct conn *c)
+{
+    if (!c->paused || c->state == CONN_CLOSING)
+        return;
+    c->paused = 0;
+    process(c);
+    if (c->state != CONN_CLOSING && !c->paused)
+        uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read);
+}
+
+static const char *ssl_reason(SSL *ssl, char *buf, size_t len)
+{
+    long vr = SSL_get_verify_result(ssl);
+    unsigned long e = ERR_peek_last_error();
+    if (vr != X509_V_OK) {
+        snprintf(buf, len, "certificate verify failed: %s", X509_verify_cert_error_string(vr));
+    } else if (e) {
+        char tmp[256];
+        ERR_error_string_n(e, tmp, sizeof tmp);
+        const char *r = ERR_reason_error_string(e);
+        snprintf(buf, len, "%s", r ? r : tmp);
+    } else {
+        snprintf(buf, len, "protocol error");
+    }
+    ERR_clear_error();
+    return buf;
+}
+
+/* Binds the connection to its certificate's subject CN. */
+static int take_identity(struct conn *c)
+{
+    X509 *cert = SSL_get0_peer_certificate(c->ssl);
+    if (!cert) {
+        if (c->srv->cfg.require_client_cert) {
+            conn_close(c, "no client certificate");
+            return -1;
+        }
+        snprintf(c->name, sizeof c->name, "anon-%s", c->peer);
+        return 0;
+    }
+    char cn[256];
+    int n = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, cn, sizeof cn);
+    if (n <= 0 || n >= (int)sizeof cn) {
+        conn_close(c, "client certificate has no usable subject CN");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)cn[i];
+        if (ch < 0x20 || ch == 0x7f) {
+            conn_close(c, "client certificate CN contains control characters");
+            return -1;
+        }
+    }
+    snprintf(c->name, sizeof c->name, "%s", cn);
+    return 0;
+}
+
+static void handshake(struct conn *c)
+{
+    ERR_clear_error();
+    int rc = SSL_do_handshake(c->ssl);
+    if (rc == 1) {
+        flush(c);
+        if (take_identity(c) < 0)
+            return;
+        c->state = CONN_HELLO;
+        char label[400];
+        coh_debug("conn", "%s: TLS %s established", conn_label(c, label, sizeof label),
+                  SSL_get_version(c->ssl));
+        return;
+    }
+    int err = SSL_get_error(c->ssl, rc);
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+        flush(c);
+        return;
+    }
+    char why[300];
+    ssl_reason(c->ssl, why, sizeof why);
+    flush(c); /* deliver the alert so the peer learns why */
+    char label[400];
+    coh_warn("conn", "%s: TLS handshake failed: %s; refusing", conn_label(c, label, sizeof label),
+             why);
+    c->state = CONN_CLOSING;
+    c->closing_at = server_now(c->srv);
+    idmap_del(&c->srv->conns_by_id, c->id);
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    if (c->tx_pending == 0)
+        force_close(c);
+}
+
+static void process(struct conn *c)
+{
+    if (c->state == CONN_HANDSHAKE) {
+        handshake(c);
+        if (c->state == CONN_HANDSHAKE || c->state == CONN_CLOSING)
+            return;
+    }
+    while (c->state != CONN_CLOSING && !c->paused) {
+        const uint8_t *f;
+        size_t len;
+        int r;
+        while (c->state != CONN_CLOSING && !c->paused &&
+               (r = coh_frame_next(&c->rx, &f, &len)) == 1)
+            dispatch_frame(c, f, len);
+        if (c->state == CONN_CLOSING || c->paused)
+            break;
+        if (r < 0) {
+            conn_send_error(c, COHORT_ETOOBIG, 0, 1,
+                            "frame of %u bytes exceeds max_frame_bytes=%u",
+                            coh_frame_get_len(c->rx.buf + c->rx.start), c->srv->cfg.max_frame_bytes);
+            conn_close(c, "frame of %u bytes exceeds max_frame_bytes=%u",
+                       coh_frame_get_len(c->rx.buf + c->rx.start), c->srv->cfg.max_frame_bytes);
+            break;
+        }
+        uint8_t *p;
+        size_t avail;
+        if (coh_frame_rx_space(&c->rx, 16384, &p, &avail) < 0) {
+            conn_close(c, "out of memory for the receive buffer");
+            break;
+        }
+        ERR_clear_error();
+        int n = SSL_read(c->ssl, p, avail > INT32_MAX ? INT32_MAX : (int)avail);
+        if (n > 0) {
+            coh_frame_rx_commit(&c->rx, (size_t)n);
+            continue;
+        }
+        int err = SSL_get_error(c->ssl, n);
+        if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
+            break;
+        if (err == SSL_ERROR_ZERO_RETURN) {
+            conn_close(c, "peer closed the TLS session");
+        } else {
+            char why[300];
+            conn_close(c, "TLS error: %s", ssl_reason(c->ssl, why, sizeof why));
+        }
+        break;
+    }
+    if (c->state != CONN_CLOSING) {
+        flush(c);
+        if (!c->paused)
+            coh_frame_rx_trim(&c->rx, 65536);
+    }
+}
+
+void conn_on_connection(uv_stream_t *listener, int status)
+{
+    struct server *s = listener->data;
+    if (status < 0) {
+        coh_warn("listener", "accept failed: %s", uv_strerror(status));
+        return;
+    }
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        coh_err("listener", "out of memory accepting a connection");
+        return;
+    }
+    c->srv = s;
+    c->refs = 1;
+    uv_tcp_init(s->loop, &c->tcp);
+    c->tcp.data = c;
+    c->id = ++s->next_conn_id;
+    c->next = s->conn_list;
+    if (s->conn_list)
+        s->conn_list->prev = c;
+    s->conn_list = c;
+    s->nconns++;
+    c->state = CONN_CLOSING; /* until fully set up */
+    if (uv_accept(listener, (uv_stream_t *)&c->tcp) < 0) {
+        force_close(c);
+        return;
+    }
+    struct sockaddr_storage ss;
+    int sl = sizeof ss;
+    snprintf(c->peer, sizeof c->peer, "?");
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) == 0) {
+        char ip[INET6_ADDRSTRLEN] = "?";
+        int port = 0;
+        if (ss.ss_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+            uv_ip4_name(a, ip, sizeof ip);
+            port = ntohs(a->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+            uv_ip6_name(a, ip, sizeof ip);
+            port = ntohs(a->sin6_port);
+        }
+        snprintf(c->peer, sizeof c->peer, "%s:%d", ip, port);
+    }
+    if (s->stopping || s->nconns > s->cfg.max_connections) {
+        coh_warn("listener", "conn %llu (%s): refused: %s", (unsigned long long)c->id, c->peer,
+                 s->stopping ? "server is stopping"
+                             : "max_connections reached; raise --max-connections");
+        force_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    c->ssl = SSL_new(s->ssl_ctx);
+    c->rbio = BIO_new(BIO_s_mem());
+    c->wbio = BIO_new(BIO_s_mem());
+    if (!c->ssl || !c->rbio || !c->wbio) {
+        BIO_free(c->rbio);
+        BIO_free(c->wbio);
+        c->rbio = c->wbio = NULL;
+        force_close(c);
+        return;
+    }
+    /* An empty read BIO means "wait for more", not end of stream. */
+    BIO_set_mem_eof_return(c->rbio, -1);
+    SSL_set_bio(c->ssl, c->rbio, c->wbio);
+    SSL_set_accept_state(c->ssl);
+    coh_frame_rx_init(&c->rx, s->cfg.max_frame_bytes);
+    c->state = CONN_HANDSHAKE;
+    c->accepted_at = c->last_rx = server_now(s);
+    idmap_put(&s->conns_by_id, c->id, c);
+    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read);
+}
+
+void upload_release(struct conn *c)
+{
+    struct upload *u = &c->up;
+    if (!u->active)
+        return;
+    free(u->buf);
+    EVP_MD_CTX_free(u->sha);
+    memset(u, 0, sizeof *u);
+    round_slot_freed(c->srv);
+}
+
+void conn_sweep(struct server *s)
+{
+    double now = server_now(s);
+    struct conn *c = s->conn_list, *next;
+    for (; c; c = next) {
+        next = c->next;
+        if (c->state == CONN_CLOSING) {
+            if (now - c->closing_at > CLOSE_GRACE_S)
+                force_close(c);
+            continue;
+        }
+        if (c->state == CONN_HANDSHAKE || c->state == CONN_HELLO) {
+            if ((now - c->accepted_at) * 1000.0 > s->cfg.handshake_timeout_ms)
+                conn_close(c, "no TLS handshake and Hello within %u ms",
+                           s->cfg.handshake_timeout_ms);
+        } else if ((now - c->last_rx) * 1000.0 > s->cfg.idle_timeout_ms && !c->paused) {
+            conn_close(c, "idle for more than %u ms", s->cfg.idle_timeout_ms);
+        }
+    }
+}

@@ -1,0 +1,84 @@
+/*
+ * One client connection: a libuv TCP handle with TLS through OpenSSL memory
+ * BIOs (the nng engine shape: the loop owns the socket, OpenSSL only turns
+ * ciphertext into plaintext and back), framing, write accounting and
+ * back-pressure. Loop thread only. A conn is freed in its close callback once
+ * no write request refers to it; async work names it by conn id.
+ */
+#ifndef CONN_H
+#define CONN_H
+
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "cohort.pb-c.h"
+#include "frame.h"
+
+struct server;
+struct model_blob;
+
+enum conn_state { CONN_HANDSHAKE = 0, CONN_HELLO, CONN_READY, CONN_CLOSING };
+
+/* A staged update upload (one per connection at most). */
+struct upload {
+    int active;
+    uint64_t round;
+    uint64_t num_examples;
+    uint64_t total;             /* bytes expected */
+    uint64_t received;
+    size_t checked;             /* floats already checked for NaN/Inf */
+    float *buf;
+    EVP_MD_CTX *sha;
+};
+
+struct conn {
+    struct server *srv;
+    uint64_t id;
+    uv_tcp_t tcp;
+    SSL *ssl;
+    BIO *rbio, *wbio;
+    int state;
+    int refs;                   /* 1 for the handle + 1 per write in flight */
+    int handle_closed;
+    char name[256];             /* certificate CN */
+    char peer[64];              /* ip:port */
+    int64_t client_id;          /* store id, 0 before Hello */
+    uint64_t hello_examples;
+    double accepted_at, last_rx, closing_at;
+
+    struct coh_frame_rx rx;
+    size_t tx_pending;          /* ciphertext bytes handed to libuv, not yet written */
+    uint64_t bytes_in, bytes_out;
+
+    struct model_blob *send_blob; /* model being streamed, NULL when none */
+    size_t send_idx;
+
+    struct upload up;
+    uint64_t discard_round;     /* chunks of a refused upload for this round are dropped */
+    Cohort__Envelope *pending_begin; /* UpdateBegin waiting for an upload slot */
+    int paused;
+
+    struct conn *prev, *next;
+};
+
+void conn_on_connection(uv_stream_t *listener, int status);
+/* Sends one message (whole frame through TLS). Returns 0 or a negative error. */
+int conn_send(struct conn *c, const Cohort__Envelope *e);
+void conn_send_error(struct conn *c, int code, uint64_t round, int fatal, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+/* Starts streaming the chunk frames of b after whatever was sent before. */
+void conn_send_blob(struct conn *c, struct model_blob *b);
+/* Closes after flushing what is queued (bounded by a grace period). */
+void conn_close(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Stops/starts reading (upload back-pressure). */
+void conn_pause(struct conn *c);
+void conn_resume(struct conn *c);
+void upload_release(struct conn *c);
+/* Called every second: handshake/idle timeouts, stuck closes. */
+void conn_sweep(struct server *s);
+/* Label for logs: "conn 42 (CN=client-3, 127.0.0.1:5000)". */
+const char *conn_label(const struct conn *c, char *buf, size_t len);
+
+#endif

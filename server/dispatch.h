@@ -1,0 +1,15 @@
+/*
+ * Frame dispatch: decodes a client's frame and routes it by message type and
+ * connection state (redis processCommand). Loop thread only.
+ */
+#ifndef DISPATCH_H
+#define DISPATCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct conn;
+
+void dispatch_frame(struct conn *c, const uint8_t *frame, size_t len);
+
+#endif

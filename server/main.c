@@ -1,0 +1,528 @@
+/*
+ * cohortd: arguments, start-up (store, resume or initial model, TLS, listener),
+ * signals and the libuv loop; orderly shutdown. Loop thread only.
+ */
+#include <cblas.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cohort_err.h"
+#include "conn.h"
+#include "log.h"
+#include "pstore.h"
+#include "round.h"
+#include "safetensors.h"
+#include "server.h"
+#include "strategy.h"
+#include "tls.h"
+#include "wire.h"
+
+static uv_timer_t sweep_timer;
+static uv_timer_t exit_timer;
+
+void config_defaults(struct config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->listen = strdup("127.0.0.1:7443");
+    c->state_dir = NULL;
+    c->require_client_cert = 1;
+    c->rounds = 0;
+    c->min_clients = 1;
+    c->round_timeout_s = 60;
+    c->strategy = strdup("fedavg");
+    c->weighting = strdup("examples");
+    c->server_lr = 1.0;
+    c->max_frame_bytes = COH_FRAME_DEFAULT_MAX;
+    c->max_model_bytes = 1ull << 30;
+    c->max_connections = 10000;
+    c->max_uploads = 4;
+    c->handshake_timeout_ms = 10000;
+    c->idle_timeout_ms = 120000;
+    c->heartbeat_ms = 15000;
+    c->chunk_bytes = COH_CHUNK_DEFAULT;
+    c->log_level = COH_LOG_NOTICE;
+}
+
+void config_fini(struct config *c)
+{
+    free(c->listen);
+    free(c->state_dir);
+    free(c->model_path);
+    free(c->ca);
+    free(c->cert);
+    free(c->key);
+    free(c->strategy);
+    free(c->weighting);
+    memset(c, 0, sizeof *c);
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: cohortd --state-dir DIR --ca CA.pem --cert SERVER.pem --key SERVER.key\n"
+            "               [--model INIT.safetensors] [options]\n"
+            "\n"
+            "Federated-learning aggregation server (FedAvg over mutual TLS).\n"
+            "\n"
+            "  --listen HOST:PORT        address to listen on (default 127.0.0.1:7443)\n"
+            "  --state-dir DIR           participation store and checkpoints (required)\n"
+            "  --model FILE              initial model (safetensors, F32); ignored when DIR\n"
+            "                            already holds committed rounds\n"
+            "  --ca FILE --cert FILE --key FILE   federation CA and the server's identity\n"
+            "  --no-client-cert          accept clients without a certificate (not for production)\n"
+            "  --rounds R                exit 0 after committing round R (0: run until stopped)\n"
+            "  --min-clients M           clients connected before a round opens (default 1)\n"
+            "  --round-timeout SECONDS   round deadline (default 60)\n"
+            "  --strategy NAME           %s (default fedavg)\n"
+            "  --weighting W             fedavg: examples|uniform|all (default examples)\n"
+            "  --server-lr ETA           server learning rate (default 1)\n"
+            "  --max-frame-bytes N       largest frame accepted (default 8388608)\n"
+            "  --max-model-bytes N       largest model accepted (default 1073741824)\n"
+            "  --max-connections N       (default 10000)\n"
+            "  --max-uploads N           uploads staged at once; others wait, reads paused (default 4)\n"
+            "  --handshake-timeout-ms N  TLS handshake + Hello deadline (default 10000)\n"
+            "  --idle-timeout-ms N       close connections silent this long (default 120000)\n"
+            "  --heartbeat-ms N          heartbeat interval announced to clients (default 15000)\n"
+            "  --chunk-bytes N           model chunk payload (default 262144)\n"
+            "  --log-level L             err|warn|notice|info|debug (default notice)\n"
+            "  --log-format F            text|json (default text)\n"
+            "  --version, --help\n",
+            strategy_names());
+}
+
+static int parse_u64(const char *opt, const char *v, uint64_t lo, uint64_t hi, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    if (errno || end == v || *end || v[0] == '-' || x < lo || x > hi) {
+        fprintf(stderr, "cohortd: %s must be an integer between %" PRIu64 " and %" PRIu64
+                        " (got '%s')\n", opt, lo, hi, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int parse_double(const char *opt, const char *v, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || end == v || *end || !isfinite(x) || x < lo || x > hi) {
+        fprintf(stderr, "cohortd: %s must be a number between %g and %g (got '%s')\n", opt, lo,
+                hi, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static void set_str(char **dst, const char *v)
+{
+    free(*dst);
+    *dst = strdup(v);
+}
+
+enum {
+    O_LISTEN = 256, O_STATE, O_MODEL, O_CA, O_CERT, O_KEY, O_NOCC, O_ROUNDS, O_MINC, O_RTO,
+    O_STRAT, O_WEIGHT, O_SLR, O_MAXFRAME, O_MAXMODEL, O_MAXCONN, O_MAXUP, O_HSTO, O_IDLE, O_HB,
+    O_CHUNK, O_LOGLEVEL, O_LOGFMT, O_VERSION, O_HELP
+};
+
+static int parse_args(struct config *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"listen", 1, 0, O_LISTEN}, {"state-dir", 1, 0, O_STATE}, {"model", 1, 0, O_MODEL},
+        {"ca", 1, 0, O_CA}, {"cert", 1, 0, O_CERT}, {"key", 1, 0, O_KEY},
+        {"no-client-cert", 0, 0, O_NOCC}, {"rounds", 1, 0, O_ROUNDS},
+        {"min-clients", 1, 0, O_MINC}, {"round-timeout", 1, 0, O_RTO},
+        {"strategy", 1, 0, O_STRAT}, {"weighting", 1, 0, O_WEIGHT}, {"server-lr", 1, 0, O_SLR},
+        {"max-frame-bytes", 1, 0, O_MAXFRAME}, {"max-model-bytes", 1, 0, O_MAXMODEL},
+        {"max-connections", 1, 0, O_MAXCONN}, {"max-uploads", 1, 0, O_MAXUP},
+        {"handshake-timeout-ms", 1, 0, O_HSTO}, {"idle-timeout-ms", 1, 0, O_IDLE},
+        {"heartbeat-ms", 1, 0, O_HB}, {"chunk-bytes", 1, 0, O_CHUNK},
+        {"log-level", 1, 0, O_LOGLEVEL}, {"log-format", 1, 0, O_LOGFMT},
+        {"version", 0, 0, O_VERSION}, {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
+    int o;
+    uint64_t u;
+    while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (o) {
+        case O_LISTEN: set_str(&c->listen, optarg); break;
+        case O_STATE: set_str(&c->state_dir, optarg); break;
+        case O_MODEL: set_str(&c->model_path, optarg); break;
+        case O_CA: set_str(&c->ca, optarg); break;
+        case O_CERT: set_str(&c->cert, optarg); break;
+        case O_KEY: set_str(&c->key, optarg); break;
+        case O_NOCC: c->require_client_cert = 0; break;
+        case O_ROUNDS:
+            if (parse_u64("--rounds", optarg, 0, 100000000, &c->rounds) < 0) return 2;
+            break;
+        case O_MINC:
+            if (parse_u64("--min-clients", optarg, 1, 10000000, &u) < 0) return 2;
+            c->min_clients = (uint32_t)u;
+            break;
+        case O_RTO:
+            if (parse_double("--round-timeout", optarg, 0.01, 1e7, &c->round_timeout_s) < 0)
+                return 2;
+            break;
+        case O_STRAT: set_str(&c->strategy, optarg); break;
+        case O_WEIGHT: set_str(&c->weighting, optarg); break;
+        case O_SLR:
+            if (parse_double("--server-lr", optarg, 0, 1e6, &c->server_lr) < 0) return 2;
+            break;
+        case O_MAXFRAME:
+            if (parse_u64("--max-frame-bytes", optarg, 4096, 1u << 30, &u) < 0) return 2;
+            c->max_frame_bytes = (uint32_t)u;
+            break;
+        case O_MAXMODEL:
+            if (parse_u64("--max-model-bytes", optarg, 4, 1ull << 40, &c->max_model_bytes) < 0)
+                return 2;
+            break;
+        case O_MAXCONN:
+            if (parse_u64("--max-connections", optarg, 1, 10000000, &u) < 0) return 2;
+            c->max_connections = (uint32_t)u;
+            break;
+        case O_MAXUP:
+            if (parse_u64("--max-uploads", optarg, 1, 100000, &u) < 0) return 2;
+            c->max_uploads = (uint32_t)u;
+            break;
+        case O_HSTO:
+            if (parse_u64("--handshake-timeout-ms", optarg, 10, 3600000, &u) < 0) return 2;
+            c->handshake_timeout_ms = (uint32_t)u;
+            break;
+        case O_IDLE:
+            if (parse_u64("--idle-timeout-ms", optarg, 100, 86400000, &u) < 0) return 2;
+            c->idle_timeout_ms = (uint32_t)u;
+            break;
+        case O_HB:
+            if (parse_u64("--heartbeat-ms", optarg, 10, 3600000, &u) < 0) return 2;
+            c->heartbeat_ms = (uint32_t)u;
+            break;
+        case O_CHUNK:
+            if (parse_u64("--chunk-bytes", optarg, 1024, 64u << 20, &u) < 0) return 2;
+            c->chunk_bytes = (uint32_t)u;
+            break;
+        case O_LOGLEVEL:
+            c->log_level = coh_log_parse_level(optarg);
+            if (c->log_level < 0) {
+                fprintf(stderr, "cohortd: --log-level must be err, warn, notice, info or debug\n");
+                return 2;
+            }
+            break;
+        case O_LOGFMT:
+            if (strcmp(optarg, "json") == 0)
+                c->log_json = 1;
+            else if (strcmp(optarg, "text") == 0)
+                c->log_json = 0;
+            else {
+                fprintf(stderr, "cohortd: --log-format must be text or json\n");
+                return 2;
+            }
+            break;
+        case O_VERSION: printf("cohortd 0.1.0\n"); return 1;
+        case O_HELP: usage(stdout); return 1;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "cohortd: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+    if (!c->state_dir || !c->ca || !c->cert || !c->key) {
+        fprintf(stderr, "cohortd: --state-dir, --ca, --cert and --key are required "
+                        "(cohortd --help)\n");
+        return 2;
+    }
+    if (c->chunk_bytes + 64 > c->max_frame_bytes) {
+        fprintf(stderr, "cohortd: --chunk-bytes must be smaller than --max-frame-bytes\n");
+        return 2;
+    }
+    return 0;
+}
+
+static int make_dir(const char *path)
+{
+    if (mkdir(path, 0750) < 0 && errno != EEXIST) {
+        coh_err("main", "cannot create %s: %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Loads the state directory's last committed model, or starts from --model. */
+static int load_state(struct server *s)
+{
+    char err[512];
+    struct pstore_last last;
+    if (pstore_last_round(s->store, &last) < 0) {
+        coh_err("main", "cannot read the participation store");
+        return -1;
+    }
+    struct coh_st_limits lim = {.max_bytes = s->cfg.max_model_bytes};
+    if (last.found) {
+        uint8_t sha[32];
+        char hex[65];
+        if (coh_sha256_file(last.checkpoint, sha) < 0) {
+            coh_err("main", "checkpoint of round %llu (%s) is missing; the state directory is "
+                    "damaged", (unsigned long long)last.round, last.checkpoint);
+            return -1;
+        }
+        coh_hex(sha, 32, hex);
+        if (strcmp(hex, last.sha256) != 0) {
+            coh_err("main", "checkpoint %s does not match the sha256 in the store; the state "
+                    "directory is damaged", last.checkpoint);
+            return -1;
+        }
+        if (coh_st_load(last.checkpoint, &lim, &s->global, err, sizeof err) < 0) {
+            coh_err("main", "cannot load checkpoint: %s", err);
+            return -1;
+        }
+        s->last_committed = last.round;
+        if (s->cfg.model_path)
+            coh_notice("main", "--model %s ignored: the state directory holds committed rounds "
+                       "(last %llu) and wins", s->cfg.model_path, (unsigned long long)last.round);
+        coh_notice("main", "resuming after round %llu from %s", (unsigned long long)last.round,
+                   last.checkpoint);
+        return 0;
+    }
+    if (!s->cfg.model_path) {
+        coh_err("main", "%s holds no committed round and no --model was given; pass the initial "
+                "model with --model FILE.safetensors", s->cfg.state_dir);
+        return -1;
+    }
+    if (coh_st_load(s->cfg.model_path, &lim, &s->global, err, sizeof err) < 0) {
+        coh_err("main", "--model: %s", err);
+        return -1;
+    }
+    if (s->global.ntensors == 0 || !coh_model_all_finite(&s->global)) {
+        coh_err("main", "--model %s: the model is empty or holds NaN/Inf", s->cfg.model_path);
+        return -1;
+    }
+    char path[1100], hex[65], now[32];
+    uint8_t sha[32];
+    snprintf(path, sizeof path, "%s/checkpoints/round-%06d.safetensors", s->cfg.state_dir, 0);
+    if (coh_st_save(path, &s->global, 1, sha) < 0) {
+        coh_err("main", "cannot write %s", path);
+        return -1;
+    }
+    coh_hex(sha, 32, hex);
+    server_iso_now(now, sizeof now);
+    struct pstore_round pr = {.round = 0, .strategy = s->cfg.strategy, .started_at = now,
+                              .closed_at = now, .mean_train_loss = NAN,
+                              .close_reason = "initial model", .checkpoint = path,
+                              .sha256 = hex};
+    if (pstore_commit_round(s->store, &pr, NULL, 0, NULL, NULL) < 0)
+        return -1;
+    char desc[512];
+    coh_model_describe(&s->global, desc, sizeof desc);
+    pstore_meta_set(s->store, "model_layout", desc);
+    coh_notice("main", "initial model %s: %zu tensors, %zu parameters (%s)", s->cfg.model_path,
+               s->global.ntensors, s->global.numel, desc);
+    return 0;
+}
+
+static int split_host_port(const char *hp, char *host, size_t hlen, int *port)
+{
+    const char *colon = strrchr(hp, ':');
+    if (!colon || colon == hp)
+        return -1;
+    size_t n = (size_t)(colon - hp);
+    if (hp[0] == '[' && n >= 2 && hp[n - 1] == ']') {
+        hp++;
+        n -= 2;
+    }
+    if (n >= hlen)
+        return -1;
+    memcpy(host, hp, n);
+    host[n] = '\0';
+    char *end;
+    long p = strtol(colon + 1, &end, 10);
+    if (*end || p < 0 || p > 65535)
+        return -1;
+    *port = (int)p;
+    return 0;
+}
+
+static void on_exit_check(uv_timer_t *t)
+{
+    struct server *s = t->data;
+    if (s->nconns > 0 || round_jobs_inflight(s) > 0)
+        return;
+    uv_timer_stop(t);
+    uv_close((uv_handle_t *)t, NULL);
+    uv_close((uv_handle_t *)&sweep_timer, NULL);
+    uv_close((uv_handle_t *)&s->sigint, NULL);
+    uv_close((uv_handle_t *)&s->sigterm, NULL);
+    round_fini(s);
+}
+
+void server_shutdown(struct server *s, int done, const char *reason)
+{
+    if (s->stopping)
+        return;
+    s->stopping = 1;
+    coh_notice("main", "shutting down: %s", reason);
+    Cohort__RunEnd re = COHORT__RUN_END__INIT;
+    re.reason = (char *)reason;
+    re.last_round = s->last_committed;
+    re.done = done;
+    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
+    e.body_case = COHORT__ENVELOPE__BODY_RUN_END;
+    e.run_end = &re;
+    for (struct conn *c = s->conn_list; c; c = c->next) {
+        if (c->state == CONN_READY)
+            conn_send(c, &e);
+        conn_close(c, "%s", done ? "run complete" : "server shutting down");
+    }
+    uv_timer_stop(&s->round_timer);
+    if (!uv_is_closing((uv_handle_t *)&s->listener))
+        uv_close((uv_handle_t *)&s->listener, NULL);
+    uv_timer_init(s->loop, &exit_timer);
+    exit_timer.data = s;
+    uv_timer_start(&exit_timer, on_exit_check, 0, 50);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    struct server *s = h->data;
+    if (s->stopping) {
+        coh_warn("main", "second signal: exiting now");
+        exit(s->exit_code);
+    }
+    server_shutdown(s, 0, signum == SIGINT ? "SIGINT" : "SIGTERM");
+}
+
+static void on_sweep(uv_timer_t *t)
+{
+    conn_sweep(t->data);
+}
+
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    static struct server srv;
+    struct server *s = &srv;
+    config_defaults(&s->cfg);
+    int prc = parse_args(&s->cfg, argc, argv);
+    if (prc) {
+        config_fini(&s->cfg);
+        return prc == 1 ? 0 : 2;
+    }
+    coh_log_set_level(s->cfg.log_level);
+    coh_log_set_json(s->cfg.log_json);
+    signal(SIGPIPE, SIG_IGN);
+    raise_nofile();
+    /* Folds are memory-bound; one BLAS thread each keeps the pool predictable. */
+    openblas_set_num_threads(1);
+
+    char host[256], path[1100], err[512];
+    int port;
+    if (split_host_port(s->cfg.listen, host, sizeof host, &port) < 0) {
+        fprintf(stderr, "cohortd: --listen must be HOST:PORT (got '%s')\n", s->cfg.listen);
+        return 2;
+    }
+    int rc = 1;
+    if (make_dir(s->cfg.state_dir) < 0)
+        goto out;
+    snprintf(path, sizeof path, "%s/checkpoints", s->cfg.state_dir);
+    if (make_dir(path) < 0)
+        goto out;
+    snprintf(path, sizeof path, "%s/cohort.db", s->cfg.state_dir);
+    if (pstore_open(&s->store, path, err, sizeof err) < 0) {
+        coh_err("main", "participation store: %s", err);
+        goto out;
+    }
+    s->strat = calloc(1, sizeof *s->strat);
+    if (!s->strat || strategy_create(s->strat, &s->cfg, s->store, err, sizeof err) < 0) {
+        coh_err("main", "%s", err);
+        goto out;
+    }
+    if (load_state(s) < 0)
+        goto out;
+    if (s->cfg.rounds && s->last_committed >= s->cfg.rounds) {
+        coh_notice("main", "all %llu rounds are already committed in %s; nothing to do",
+                   (unsigned long long)s->cfg.rounds, s->cfg.state_dir);
+        rc = 0;
+        goto out;
+    }
+    if ((uint64_t)s->global.numel * 4 > s->cfg.max_model_bytes) {
+        coh_err("main", "model of %zu bytes exceeds --max-model-bytes", s->global.numel * 4);
+        goto out;
+    }
+    if (blob_build(&s->global, s->last_committed + 1, s->cfg.chunk_bytes, &s->blob) < 0)
+        goto out;
+    s->ssl_ctx = tls_server_ctx(s->cfg.ca, s->cfg.cert, s->cfg.key, s->cfg.require_client_cert);
+    if (!s->ssl_ctx)
+        goto out;
+
+    s->loop = uv_default_loop();
+    idmap_init(&s->conns_by_id);
+    idmap_init(&s->conns_by_client);
+    round_init(s);
+    uv_tcp_init(s->loop, &s->listener);
+    s->listener.data = s;
+    struct sockaddr_storage addr;
+    if (uv_ip4_addr(host, port, (struct sockaddr_in *)&addr) != 0 &&
+        uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0) {
+        coh_err("main", "--listen %s: not an IPv4/IPv6 address", s->cfg.listen);
+        goto out;
+    }
+    int e;
+    if ((e = uv_tcp_bind(&s->listener, (struct sockaddr *)&addr, 0)) < 0 ||
+        (e = uv_listen((uv_stream_t *)&s->listener, 1024, conn_on_connection)) < 0) {
+        coh_err("main", "cannot listen on %s: %s", s->cfg.listen, uv_strerror(e));
+        goto out;
+    }
+    uv_signal_init(s->loop, &s->sigint);
+    uv_signal_init(s->loop, &s->sigterm);
+    s->sigint.data = s->sigterm.data = s;
+    uv_signal_start(&s->sigint, on_signal, SIGINT);
+    uv_signal_start(&s->sigterm, on_signal, SIGTERM);
+    uv_timer_init(s->loop, &sweep_timer);
+    sweep_timer.data = s;
+    uv_timer_start(&sweep_timer, on_sweep, 1000, 1000);
+
+    coh_notice("main", "cohortd 0.1.0 listening on %s (TLS 1.3, %s), strategy %s, state %s, "
+               "next round %llu%s", s->cfg.listen,
+               s->cfg.require_client_cert ? "client certificates required" : "client certificates optional",
+               s->cfg.strategy, s->cfg.state_dir, (unsigned long long)s->last_committed + 1,
+               s->cfg.rounds ? "" : " (no round limit)");
+    printf("cohortd: listening on %s\n", s->cfg.listen);
+    fflush(stdout);
+    uv_run(s->loop, UV_RUN_DEFAULT);
+    rc = s->exit_code;
+    if (uv_loop_close(s->loop) != 0)
+        coh_warn("main", "event loop closed with handles still open");
+out:
+    blob_unref(s->blob);
+    coh_model_fini(&s->global);
+    if (s->strat)
+        strategy_destroy(s->strat);
+    free(s->strat);
+    pstore_close(s->store);
+    SSL_CTX_free(s->ssl_ctx);
+    idmap_fini(&s->conns_by_id);
+    idmap_fini(&s->conns_by_client);
+    config_fini(&s->cfg);
+    return rc;
+}

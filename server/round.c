@@ -1,0 +1,818 @@
+/*
+ * The round state machine (DESIGN.md §3):
+ *   WAITING --(min_clients ready)--> OPEN --(all answered | deadline)--> CLOSING
+ *   CLOSING --(folds drained)--> COMMITTING --(checkpoint + transaction)--> WAITING | DONE
+ * Loop thread only. Two kinds of thread-pool jobs: a fold (acc += w * delta,
+ * one at a time so the accumulator needs no lock) and the finalize job (new
+ * model, durable checkpoint, next round's chunk frames). Jobs carry ids, not
+ * connection pointers; a connection may be gone when its fold completes.
+ */
+#include "round.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cohort_err.h"
+#include "conn.h"
+#include "fold.h"
+#include "log.h"
+#include "pstore.h"
+#include "safetensors.h"
+#include "server.h"
+#include "strategy.h"
+
+struct fold_job {
+    uv_work_t req;
+    struct server *s;
+    struct fold_job *next;
+    uint64_t round;
+    int64_t client_id;
+    uint64_t conn_id;
+    float *delta;
+    size_t n;
+    float weight;
+    float *acc;
+};
+
+struct finalize_job {
+    uv_work_t req;
+    struct server *s;
+    uint64_t round;
+    struct coh_model next;
+    const float *acc;           /* NULL: empty round, model unchanged */
+    float scale;
+    uint32_t chunk_bytes;
+    char path[1100];
+    uint8_t sha[32];
+    struct model_blob *blob;
+    int rc;
+    char err[1400];
+};
+
+/* Fold queue: a FIFO of jobs, one on the pool at a time. */
+static struct fold_job *fq_head, *fq_tail;
+static int fold_running;
+static int finalize_running;
+static uv_timer_t grant_timer;
+
+static void check_close(struct server *s);
+static void start_fold(struct server *s);
+
+int round_jobs_inflight(struct server *s)
+{
+    return fold_running + finalize_running;
+}
+
+static struct part *find_part(struct server *s, int64_t client_id)
+{
+    for (size_t i = 0; i < s->cur.nparts; i++)
+        if (s->cur.parts[i].client_id == client_id)
+            return &s->cur.parts[i];
+    return NULL;
+}
+
+static const char *phase_name(int p)
+{
+    static const char *n[] = {"waiting", "open", "closing", "committing", "done"};
+    return p >= 0 && p <= PHASE_DONE ? n[p] : "?";
+}
+
+static void on_grant(uv_timer_t *t)
+{
+    struct server *s = t->data;
+    while (s->nwaiters > 0 && s->cur.uploads_active < s->cfg.max_uploads) {
+        struct conn *c = s->slot_waiters[0];
+        memmove(s->slot_waiters, s->slot_waiters + 1, (s->nwaiters - 1) * sizeof *s->slot_waiters);
+        s->nwaiters--;
+        Cohort__Envelope *e = c->pending_begin;
+        c->pending_begin = NULL;
+        if (c->state == CONN_CLOSING) {
+            coh_wire_free(e);
+            continue;
+        }
+        if (!round_on_begin(s, c, e))
+            coh_wire_free(e);
+        if (!c->pending_begin)
+            conn_resume(c);
+    }
+}
+
+int round_init(struct server *s)
+{
+    memset(&s->cur, 0, sizeof s->cur);
+    s->cur.phase = PHASE_WAITING;
+    uv_timer_init(s->loop, &grant_timer);
+    grant_timer.data = s;
+    uv_timer_init(s->loop, &s->round_timer);
+    s->round_timer.data = s;
+    return 0;
+}
+
+void round_fini(struct server *s)
+{
+    free(s->cur.parts);
+    free(s->cur.acc);
+    s->cur.parts = NULL;
+    s->cur.acc = NULL;
+    free(s->slot_waiters);
+    s->slot_waiters = NULL;
+    uv_close((uv_handle_t *)&grant_timer, NULL);
+    uv_close((uv_handle_t *)&s->round_timer, NULL);
+}
+
+static void send_offer(struct server *s, struct conn *c)
+{
+    struct coh_model *g = &s->global;
+    Cohort__TensorInfo *infos = calloc(g->ntensors ? g->ntensors : 1, sizeof *infos);
+    Cohort__TensorInfo **ptrs = calloc(g->ntensors ? g->ntensors : 1, sizeof *ptrs);
+    if (!infos || !ptrs) {
+        free(infos);
+        free(ptrs);
+        conn_close(c, "out of memory building the round offer");
+        return;
+    }
+    for (size_t i = 0; i < g->ntensors; i++) {
+        cohort__tensor_info__init(&infos[i]);
+        infos[i].name = g->tensors[i].name;
+        infos[i].n_shape = (size_t)g->tensors[i].ndim;
+        infos[i].shape = g->tensors[i].shape;
+        ptrs[i] = &infos[i];
+    }
+    Cohort__RoundOffer o = COHORT__ROUND_OFFER__INIT;
+    o.round = s->cur.id;
+    o.n_tensors = g->ntensors;
+    o.tensors = ptrs;
+    o.total_bytes = s->blob->total_bytes;
+    o.chunk_count = (uint32_t)s->blob->nchunks;
+    o.model_sha256.data = s->blob->sha256;
+    o.model_sha256.len = 32;
+    double left = s->cur.deadline_at - server_now(s);
+    o.deadline_s = left > 0 ? left : 0;
+    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
+    e.body_case = COHORT__ENVELOPE__BODY_ROUND_OFFER;
+    e.round_offer = &o;
+    int rc = conn_send(c, &e);
+    free(infos);
+    free(ptrs);
+    if (rc == 0)
+        conn_send_blob(c, s->blob);
+}
+
+static struct part *add_part(struct server *s, struct conn *c)
+{
+    struct round *r = &s->cur;
+    if (r->nparts == r->capparts) {
+        size_t ncap = r->capparts ? r->capparts * 2 : 16;
+        struct part *np = realloc(r->parts, ncap * sizeof *np);
+        if (!np)
+            return NULL;
+        r->parts = np;
+        r->capparts = ncap;
+    }
+    struct part *p = &r->parts[r->nparts++];
+    memset(p, 0, sizeof *p);
+    p->client_id = c->client_id;
+    p->conn_id = c->id;
+    p->status = PART_OFFERED;
+    p->train_loss = NAN;
+    p->started = server_now(s);
+    return p;
+}
+
+static void offer(struct server *s, struct conn *c)
+{
+    struct part *p = find_part(s, c->client_id);
+    if (p) {
+        /* A client that dropped and came back may still answer the round. */
+        if (p->status != PART_DROPPED)
+            return;
+        p->status = PART_OFFERED;
+        p->conn_id = c->id;
+        p->reason[0] = '\0';
+    } else if (!add_part(s, c)) {
+        conn_close(c, "out of memory recording the offer");
+        return;
+    }
+    send_offer(s, c);
+}
+
+static void on_deadline(uv_timer_t *t)
+{
+    struct server *s = t->data;
+    if (s->cur.phase != PHASE_OPEN)
+        return;
+    for (size_t i = 0; i < s->cur.nparts; i++) {
+        struct part *p = &s->cur.parts[i];
+        if (p->status == PART_OFFERED || p->status == PART_UPLOADING) {
+            snprintf(p->reason, sizeof p->reason, "%s",
+                     p->status == PART_OFFERED ? "no answer by the round deadline"
+                                               : "upload incomplete at the round deadline");
+            p->status = PART_DROPPED;
+            struct conn *c = idmap_get(&s->conns_by_id, p->conn_id);
+            if (c && c->up.active && c->up.round == s->cur.id) {
+                c->discard_round = s->cur.id;
+                upload_release(c);
+            }
+        }
+    }
+    s->cur.close_reason = "deadline";
+    s->cur.phase = PHASE_CLOSING;
+    coh_notice("round", "round %llu: deadline of %.0f s reached",
+               (unsigned long long)s->cur.id, s->cfg.round_timeout_s);
+    check_close(s);
+}
+
+void round_maybe_start(struct server *s)
+{
+    struct round *r = &s->cur;
+    if (r->phase != PHASE_WAITING || s->stopping)
+        return;
+    if (s->cfg.rounds && s->last_committed >= s->cfg.rounds)
+        return;
+    if (s->nready < s->cfg.min_clients)
+        return;
+    r->id = s->last_committed + 1;
+    r->nparts = 0;
+    r->uploads_active = 0;
+    r->close_reason = NULL;
+    r->opened_at = server_now(s);
+    r->deadline_at = r->opened_at + s->cfg.round_timeout_s;
+    server_iso_now(r->started_iso, sizeof r->started_iso);
+    free(r->acc);
+    r->acc = NULL;
+    r->phase = PHASE_OPEN;
+    struct round_ctx ctx = {.round = r->id, .store = s->store, .cfg = &s->cfg};
+    if (s->strat->ops->begin_round && s->strat->ops->begin_round(s->strat->state, &ctx) < 0)
+        coh_err("round", "round %llu: strategy set-up failed", (unsigned long long)r->id);
+    uv_timer_start(&s->round_timer, on_deadline, (uint64_t)(s->cfg.round_timeout_s * 1000.0), 0);
+    coh_notice("round", "round %llu: open, offered to %u clients (deadline %.0f s)",
+               (unsigned long long)r->id, s->nready, s->cfg.round_timeout_s);
+    for (struct conn *c = s->conn_list; c; c = c->next)
+        if (c->state == CONN_READY)
+            offer(s, c);
+    /* Uploads queued for a slot during the last round now get their refusal. */
+    if (s->nwaiters)
+        uv_timer_start(&grant_timer, on_grant, 0, 0);
+}
+
+void round_client_ready(struct server *s, struct conn *c)
+{
+    if (s->cur.phase == PHASE_OPEN)
+        offer(s, c);
+    else
+        round_maybe_start(s);
+}
+
+void round_conn_gone(struct server *s, struct conn *c)
+{
+    for (size_t i = 0; i < s->nwaiters; i++) {
+        if (s->slot_waiters[i] == c) {
+            memmove(&s->slot_waiters[i], &s->slot_waiters[i + 1],
+                    (s->nwaiters - i - 1) * sizeof *s->slot_waiters);
+            s->nwaiters--;
+            break;
+        }
+    }
+    if (!c->client_id || s->cur.phase != PHASE_OPEN)
+        return;
+    struct part *p = find_part(s, c->client_id);
+    if (p && p->conn_id == c->id && (p->status == PART_OFFERED || p->status == PART_UPLOADING)) {
+        snprintf(p->reason, sizeof p->reason, "%s",
+                 p->status == PART_UPLOADING ? "disconnected during the upload" : "disconnected");
+        p->status = PART_DROPPED;
+        p->finished = server_now(s);
+        check_close(s);
+    }
+}
+
+static void reject(struct server *s, struct conn *c, struct part *p, int code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+static void reject(struct server *s, struct conn *c, struct part *p, int code, const char *fmt, ...)
+{
+    char msg[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    char label[400];
+    coh_warn("round", "round %llu: %s: update rejected: %s", (unsigned long long)s->cur.id,
+             conn_label(c, label, sizeof label), msg);
+    if (p) {
+        p->status = PART_REJECTED;
+        p->finished = server_now(s);
+        snprintf(p->reason, sizeof p->reason, "%s", msg);
+    }
+    c->discard_round = s->cur.id;
+    upload_release(c);
+    conn_send_error(c, code, s->cur.id, 0, "update rejected: %s", msg);
+    check_close(s);
+}
+
+static int layout_matches(const struct coh_model *g, const Cohort__UpdateBegin *b, char *why,
+                          size_t len)
+{
+    if (b->n_tensors != g->ntensors) {
+        snprintf(why, len, "%zu tensors, the model has %zu", b->n_tensors, g->ntensors);
+        return 0;
+    }
+    for (size_t i = 0; i < g->ntensors; i++) {
+        const struct coh_tensor *t = &g->tensors[i];
+        const Cohort__TensorInfo *ti = b->tensors[i];
+        if (!ti->name || strcmp(ti->name, t->name) != 0) {
+            snprintf(why, len, "tensor %zu is '%.64s', expected '%s'", i,
+                     ti->name ? ti->name : "", t->name);
+            return 0;
+        }
+        int same = ti->n_shape == (size_t)t->ndim;
+        for (int d = 0; same && d < t->ndim; d++)
+            same = ti->shape[d] == t->shape[d];
+        if (!same) {
+            snprintf(why, len, "tensor '%s' has the wrong shape", t->name);
+            return 0;
+        }
+    }
+    if (b->total_bytes != (uint64_t)g->numel * 4) {
+        snprintf(why, len, "total_bytes %llu, the model has %llu",
+                 (unsigned long long)b->total_bytes, (unsigned long long)g->numel * 4);
+        return 0;
+    }
+    return 1;
+}
+
+int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
+{
+    const Cohort__UpdateBegin *b = e->update_begin;
+    struct round *r = &s->cur;
+    c->discard_round = 0;
+    if (r->phase != PHASE_OPEN || b->round != r->id) {
+        c->discard_round = b->round;
+        conn_send_error(c, COHORT_EROUND, b->round, 0,
+                        "round %llu is not open for updates (current round %llu is %s)",
+                        (unsigned long long)b->round, (unsigned long long)r->id,
+                        phase_name(r->phase));
+        char label[400];
+        coh_info("round", "%s: update for round %llu refused: round %llu is %s",
+                 conn_label(c, label, sizeof label), (unsigned long long)b->round,
+                 (unsigned long long)r->id, phase_name(r->phase));
+        return 0;
+    }
+    struct part *p = find_part(s, c->client_id);
+    if (!p || p->conn_id != c->id) {
+        c->discard_round = b->round;
+        conn_send_error(c, COHORT_EOFFER, b->round, 0,
+                        "round %llu was not offered to this connection",
+                        (unsigned long long)b->round);
+        return 0;
+    }
+    if (p->status != PART_OFFERED) {
+        c->discard_round = b->round;
+        conn_send_error(c, COHORT_EDUP, b->round, 0,
+                        "this client already answered round %llu", (unsigned long long)b->round);
+        return 0;
+    }
+    char why[160];
+    if (!layout_matches(&s->global, b, why, sizeof why)) {
+        reject(s, c, p, COHORT_ESHAPE, "%s", why);
+        return 0;
+    }
+    if (b->num_examples == 0 && strcmp(s->cfg.weighting, "examples") == 0 &&
+        strcmp(s->cfg.strategy, "fedavg") == 0) {
+        reject(s, c, p, COHORT_EINVAL, "reports 0 training examples under examples weighting");
+        return 0;
+    }
+    if (b->num_examples > (1ull << 40)) {
+        reject(s, c, p, COHORT_EINVAL, "reports an implausible %llu training examples",
+               (unsigned long long)b->num_examples);
+        return 0;
+    }
+    if (r->uploads_active >= s->cfg.max_uploads) {
+        /* Back-pressure: stop reading this socket until a staging slot frees. */
+        if (s->nwaiters == s->capwaiters) {
+            size_t ncap = s->capwaiters ? s->capwaiters * 2 : 16;
+            struct conn **nw = realloc(s->slot_waiters, ncap * sizeof *nw);
+            if (!nw) {
+                conn_close(c, "out of memory queueing an upload");
+                return 0;
+            }
+            s->slot_waiters = nw;
+            s->capwaiters = ncap;
+        }
+        s->slot_waiters[s->nwaiters++] = c;
+        c->pending_begin = e;
+        conn_pause(c);
+        return 1;
+    }
+    struct upload *u = &c->up;
+    memset(u, 0, sizeof *u);
+    u->buf = malloc(s->global.numel ? s->global.numel * 4 : 4);
+    u->sha = EVP_MD_CTX_new();
+    if (!u->buf || !u->sha || !EVP_DigestInit_ex(u->sha, EVP_sha256(), NULL)) {
+        free(u->buf);
+        EVP_MD_CTX_free(u->sha);
+        memset(u, 0, sizeof *u);
+        conn_send_error(c, COHORT_ENOMEM, b->round, 0, "server is out of memory; retry later");
+        return 0;
+    }
+    u->active = 1;
+    u->round = b->round;
+    u->num_examples = b->num_examples;
+    u->total = b->total_bytes;
+    r->uploads_active++;
+    p->status = PART_UPLOADING;
+    p->num_examples = b->num_examples;
+    p->started = server_now(s);
+    return 0;
+}
+
+void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_view *v)
+{
+    struct upload *u = &c->up;
+    if (!u->active) {
+        if (v->round && v->round == c->discard_round)
+            return; /* the rest of an upload we already refused */
+        conn_send_error(c, COHORT_ESTATE, v->round, 0, "UpdateChunk without UpdateBegin");
+        c->discard_round = v->round;
+        return;
+    }
+    struct part *p = find_part(s, c->client_id);
+    if (v->round != u->round) {
+        reject(s, c, p, COHORT_EROUND, "chunk names round %llu inside an upload for round %llu",
+               (unsigned long long)v->round, (unsigned long long)u->round);
+        return;
+    }
+    if (v->offset != u->received || v->len > u->total - u->received) {
+        reject(s, c, p, COHORT_EFRAME, "chunk at offset %llu (+%zu), expected offset %llu of %llu",
+               (unsigned long long)v->offset, v->len, (unsigned long long)u->received,
+               (unsigned long long)u->total);
+        return;
+    }
+    memcpy((uint8_t *)u->buf + u->received, v->data, v->len);
+    EVP_DigestUpdate(u->sha, v->data, v->len);
+    u->received += v->len;
+    if (p)
+        p->bytes = u->received;
+    /* Check finiteness while the chunk is still in cache. */
+    size_t upto = (size_t)(u->received / 4);
+    for (size_t i = u->checked; i < upto; i++) {
+        if (!isfinite(u->buf[i])) {
+            reject(s, c, p, COHORT_ENONFINITE, "update contains NaN or Inf (element %zu)", i);
+            return;
+        }
+    }
+    u->checked = upto;
+}
+
+static void fold_work(uv_work_t *req)
+{
+    struct fold_job *j = req->data;
+    fold_accumulate(j->acc, j->delta, j->n, j->weight);
+}
+
+static void fold_done(uv_work_t *req, int status)
+{
+    struct fold_job *j = req->data;
+    struct server *s = j->s;
+    fold_running = 0;
+    s->cur.folds_inflight--;
+    free(j->delta);
+    j->delta = NULL;
+    s->cur.uploads_active--;
+    uv_timer_start(&grant_timer, on_grant, 0, 0);
+    struct part *p = j->round == s->cur.id ? find_part(s, j->client_id) : NULL;
+    if (p && p->status == PART_FOLDING) {
+        p->status = PART_ACCEPTED;
+        p->finished = server_now(s);
+    }
+    struct conn *c = idmap_get(&s->conns_by_id, j->conn_id);
+    if (c) {
+        Cohort__UpdateAck a = COHORT__UPDATE_ACK__INIT;
+        a.round = j->round;
+        a.accepted = 1;
+        Cohort__Envelope e = COHORT__ENVELOPE__INIT;
+        e.body_case = COHORT__ENVELOPE__BODY_UPDATE_ACK;
+        e.update_ack = &a;
+        conn_send(c, &e);
+    }
+    free(j);
+    start_fold(s);
+    check_close(s);
+}
+
+static void start_fold(struct server *s)
+{
+    if (fold_running || !fq_head)
+        return;
+    struct fold_job *j = fq_head;
+    fq_head = j->next;
+    if (!fq_head)
+        fq_tail = NULL;
+    fold_running = 1;
+    j->req.data = j;
+    uv_queue_work(s->loop, &j->req, fold_work, fold_done);
+}
+
+void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
+{
+    struct upload *u = &c->up;
+    if (!u->active) {
+        if (m->round && m->round == c->discard_round)
+            return;
+        conn_send_error(c, COHORT_ESTATE, m->round, 0, "UpdateEnd without UpdateBegin");
+        return;
+    }
+    struct part *p = find_part(s, c->client_id);
+    if (m->round != u->round) {
+        reject(s, c, p, COHORT_EROUND, "UpdateEnd names round %llu inside an upload for %llu",
+               (unsigned long long)m->round, (unsigned long long)u->round);
+        return;
+    }
+    if (u->received != u->total) {
+        reject(s, c, p, COHORT_EFRAME, "upload ended after %llu of %llu bytes",
+               (unsigned long long)u->received, (unsigned long long)u->total);
+        return;
+    }
+    uint8_t digest[32];
+    unsigned int dl = 0;
+    EVP_DigestFinal_ex(u->sha, digest, &dl);
+    if (m->sha256.len != 32 || CRYPTO_memcmp(digest, m->sha256.data, 32) != 0) {
+        reject(s, c, p, COHORT_ECHECKSUM, "sha256 of the update does not match UpdateEnd");
+        return;
+    }
+    if (!p || s->cur.phase != PHASE_OPEN) {
+        reject(s, c, p, COHORT_EROUND, "round closed during the upload");
+        return;
+    }
+    double loss = m->train_loss;
+    p->train_loss = isfinite(loss) ? loss : NAN;
+    double w = s->strat->ops->weight(s->strat->state, NULL, c->client_id, u->num_examples);
+    if (!isfinite(w) || w < 0) {
+        reject(s, c, p, COHORT_EINVAL, "strategy gave weight %g", w);
+        return;
+    }
+    if (!s->cur.acc) {
+        s->cur.acc = calloc(s->global.numel ? s->global.numel : 1, sizeof(float));
+        if (!s->cur.acc) {
+            reject(s, c, p, COHORT_ENOMEM, "server out of memory for the accumulator");
+            return;
+        }
+    }
+    struct fold_job *j = calloc(1, sizeof *j);
+    if (!j) {
+        reject(s, c, p, COHORT_ENOMEM, "server out of memory");
+        return;
+    }
+    j->s = s;
+    j->round = u->round;
+    j->client_id = c->client_id;
+    j->conn_id = c->id;
+    j->delta = u->buf;
+    j->n = s->global.numel;
+    j->weight = (float)w;
+    j->acc = s->cur.acc;
+    p->raw_weight = w;
+    p->status = PART_FOLDING;
+    /* The staging buffer (and its slot) now belongs to the fold job. */
+    u->buf = NULL;
+    EVP_MD_CTX_free(u->sha);
+    u->sha = NULL;
+    u->active = 0;
+    s->cur.folds_inflight++;
+    if (fq_tail)
+        fq_tail->next = j;
+    else
+        fq_head = j;
+    fq_tail = j;
+    start_fold(s);
+}
+
+void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m)
+{
+    struct round *r = &s->cur;
+    if (r->phase != PHASE_OPEN || m->round != r->id) {
+        conn_send_error(c, COHORT_EROUND, m->round, 0, "round %llu is not open",
+                        (unsigned long long)m->round);
+        return;
+    }
+    struct part *p = find_part(s, c->client_id);
+    if (!p || p->conn_id != c->id) {
+        conn_send_error(c, COHORT_EOFFER, m->round, 0, "round %llu was not offered to you",
+                        (unsigned long long)m->round);
+        return;
+    }
+    if (p->status != PART_OFFERED) {
+        conn_send_error(c, COHORT_EDUP, m->round, 0, "this client already answered round %llu",
+                        (unsigned long long)m->round);
+        return;
+    }
+    p->status = PART_DECLINED;
+    p->finished = server_now(s);
+    snprintf(p->reason, sizeof p->reason, "%.150s", m->reason ? m->reason : "");
+    check_close(s);
+}
+
+void round_slot_freed(struct server *s)
+{
+    if (s->cur.uploads_active > 0)
+        s->cur.uploads_active--;
+    uv_timer_start(&grant_timer, on_grant, 0, 0);
+}
+
+/* ---- finalize and commit ---- */
+
+static void finalize_work(uv_work_t *req)
+{
+    struct finalize_job *j = req->data;
+    if (j->acc)
+        fold_apply(j->next.data, j->acc, j->next.numel, j->scale);
+    if (!coh_model_all_finite(&j->next)) {
+        j->rc = COHORT_ENONFINITE;
+        snprintf(j->err, sizeof j->err, "the new model is not finite (server_lr too large?)");
+        return;
+    }
+    j->rc = coh_st_save(j->path, &j->next, 1, j->sha);
+    if (j->rc < 0) {
+        snprintf(j->err, sizeof j->err, "writing %s: %s", j->path, cohort_strerror(j->rc));
+        return;
+    }
+    j->rc = blob_build(&j->next, j->round + 1, j->chunk_bytes, &j->blob);
+    if (j->rc < 0)
+        snprintf(j->err, sizeof j->err, "serializing the model: %s", cohort_strerror(j->rc));
+}
+
+struct commit_arg {
+    struct server *s;
+    struct round_ctx *ctx;
+};
+
+static int commit_extra(sqlite3 *db, void *arg)
+{
+    struct commit_arg *a = arg;
+    struct strategy *st = a->s->strat;
+    return st->ops->commit ? st->ops->commit(st->state, a->ctx, db) : 0;
+}
+
+static void broadcast_result(struct server *s, uint32_t participants, double loss, int final)
+{
+    Cohort__RoundResult rr = COHORT__ROUND_RESULT__INIT;
+    rr.round = s->last_committed;
+    rr.participants = participants;
+    rr.mean_train_loss = loss;
+    rr.final = final;
+    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
+    e.body_case = COHORT__ENVELOPE__BODY_ROUND_RESULT;
+    e.round_result = &rr;
+    for (struct conn *c = s->conn_list; c; c = c->next)
+        if (c->state == CONN_READY)
+            conn_send(c, &e);
+}
+
+static void finalize_done(uv_work_t *req, int status)
+{
+    struct finalize_job *j = req->data;
+    struct server *s = j->s;
+    struct round *r = &s->cur;
+    finalize_running = 0;
+    if (j->rc < 0) {
+        coh_err("round", "round %llu: %s; cannot commit, stopping", (unsigned long long)j->round,
+                j->err);
+        coh_model_fini(&j->next);
+        free(j);
+        s->exit_code = 1;
+        server_shutdown(s, 0, "server error while committing a round");
+        return;
+    }
+    uint32_t participants = 0, offered = (uint32_t)r->nparts;
+    uint64_t examples = 0;
+    double loss_sum = 0;
+    int nloss = 0;
+    for (size_t i = 0; i < r->nparts; i++) {
+        struct part *p = &r->parts[i];
+        if (p->status != PART_ACCEPTED)
+            continue;
+        participants++;
+        examples += p->num_examples;
+        if (isfinite(p->train_loss)) {
+            loss_sum += p->train_loss;
+            nloss++;
+        }
+    }
+    double mean_loss = nloss ? loss_sum / nloss : NAN;
+    char hex[65], closed[32];
+    coh_hex(j->sha, 32, hex);
+    server_iso_now(closed, sizeof closed);
+    struct pstore_round pr = {
+        .round = j->round,
+        .strategy = s->cfg.strategy,
+        .started_at = r->started_iso,
+        .closed_at = closed,
+        .offered = offered,
+        .participants = participants,
+        .total_examples = examples,
+        .mean_train_loss = mean_loss,
+        .duration_s = server_now(s) - r->opened_at,
+        .close_reason = r->close_reason ? r->close_reason : "all answered",
+        .checkpoint = j->path,
+        .sha256 = hex,
+    };
+    struct round_ctx ctx = {.round = j->round, .parts = r->parts, .nparts = r->nparts,
+                            .store = s->store, .cfg = &s->cfg};
+    struct commit_arg ca = {s, &ctx};
+    if (pstore_commit_round(s->store, &pr, r->parts, r->nparts, commit_extra, &ca) < 0) {
+        coh_err("round", "round %llu: the store refused the commit; stopping so no round is "
+                "lost (check disk space and %s/cohort.db)",
+                (unsigned long long)j->round, s->cfg.state_dir);
+        coh_model_fini(&j->next);
+        blob_unref(j->blob);
+        free(j);
+        s->exit_code = 1;
+        server_shutdown(s, 0, "server error while committing a round");
+        return;
+    }
+    coh_model_fini(&s->global);
+    s->global = j->next;
+    blob_unref(s->blob);
+    s->blob = j->blob;
+    s->last_committed = j->round;
+    free(r->acc);
+    r->acc = NULL;
+    coh_notice("round",
+               "round %llu: committed: %u of %u offered accepted, %llu examples, mean train loss "
+               "%.4f, %.2f s (%s)",
+               (unsigned long long)j->round, participants, offered, (unsigned long long)examples,
+               mean_loss, pr.duration_s, pr.close_reason);
+    free(j);
+    int final = s->cfg.rounds && s->last_committed >= s->cfg.rounds;
+    broadcast_result(s, participants, mean_loss, final);
+    if (final) {
+        r->phase = PHASE_DONE;
+        server_shutdown(s, 1, "all rounds are done");
+        return;
+    }
+    r->phase = PHASE_WAITING;
+    r->nparts = 0;
+    round_maybe_start(s);
+}
+
+static void finalize(struct server *s)
+{
+    struct round *r = &s->cur;
+    r->phase = PHASE_COMMITTING;
+    uv_timer_stop(&s->round_timer);
+    struct round_ctx ctx = {.round = r->id, .parts = r->parts, .nparts = r->nparts,
+                            .store = s->store, .cfg = &s->cfg};
+    size_t accepted = 0;
+    for (size_t i = 0; i < r->nparts; i++)
+        if (r->parts[i].status == PART_ACCEPTED)
+            accepted++;
+    double divisor = 1.0;
+    if (accepted && s->strat->ops->finalize(s->strat->state, &ctx, &divisor) < 0) {
+        coh_err("round", "round %llu: strategy finalize failed", (unsigned long long)r->id);
+        s->exit_code = 1;
+        server_shutdown(s, 0, "strategy failure");
+        return;
+    }
+    for (size_t i = 0; i < r->nparts; i++)
+        r->parts[i].weight =
+            r->parts[i].status == PART_ACCEPTED ? r->parts[i].raw_weight / divisor : 0.0;
+    struct finalize_job *j = calloc(1, sizeof *j);
+    if (!j || coh_model_clone(&j->next, &s->global, 1) < 0) {
+        free(j);
+        coh_err("round", "round %llu: out of memory finalizing", (unsigned long long)r->id);
+        s->exit_code = 1;
+        server_shutdown(s, 0, "out of memory");
+        return;
+    }
+    j->s = s;
+    j->round = r->id;
+    j->acc = accepted ? r->acc : NULL;
+    j->scale = (float)(s->cfg.server_lr / divisor);
+    j->chunk_bytes = s->cfg.chunk_bytes;
+    snprintf(j->path, sizeof j->path, "%s/checkpoints/round-%06llu.safetensors", s->cfg.state_dir,
+             (unsigned long long)r->id);
+    j->req.data = j;
+    finalize_running = 1;
+    uv_queue_work(s->loop, &j->req, finalize_work, finalize_done);
+}
+
+static void check_close(struct server *s)
+{
+    struct round *r = &s->cur;
+    if (r->phase == PHASE_OPEN) {
+        if (r->nparts == 0)
+            return;
+        for (size_t i = 0; i < r->nparts; i++) {
+            int st = r->parts[i].status;
+            if (st == PART_OFFERED || st == PART_UPLOADING || st == PART_FOLDING)
+                return;
+        }
+        r->phase = PHASE_CLOSING;
+    }
+    if (r->phase == PHASE_CLOSING && r->folds_inflight == 0)
+        finalize(s);
+}

@@ -1,0 +1,31 @@
+/*
+ * Round manager: opens rounds, offers them, admits uploads, folds accepted
+ * updates on the thread pool, closes at quorum or deadline, finalizes and
+ * commits (checkpoint file first, then one store transaction). Loop thread only;
+ * the fold and finalize jobs touch only the buffers handed to them.
+ */
+#ifndef ROUND_H
+#define ROUND_H
+
+#include "cohort.pb-c.h"
+#include "wire.h"
+
+struct server;
+struct conn;
+
+int round_init(struct server *s);
+void round_fini(struct server *s);
+/* Opens the next round when enough clients are ready. */
+void round_maybe_start(struct server *s);
+void round_client_ready(struct server *s, struct conn *c);
+void round_conn_gone(struct server *s, struct conn *c);
+/* Returns 1 when it kept e (the upload waits for a slot), 0 when the caller frees it. */
+int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e);
+void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_view *v);
+void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m);
+void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m);
+void round_slot_freed(struct server *s);
+/* Jobs still running on the thread pool (shutdown waits for 0). */
+int round_jobs_inflight(struct server *s);
+
+#endif

@@ -1,0 +1,140 @@
+/*
+ * cohortd's shared state. One libuv loop owns everything declared here; only
+ * the buffers handed to thread-pool jobs (fold.c, round.c) cross threads, and
+ * they are owned by the job until its after-work callback runs on the loop.
+ */
+#ifndef SERVER_H
+#define SERVER_H
+
+#include <openssl/ssl.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "frame.h"
+#include "idmap.h"
+#include "model.h"
+
+struct pstore;
+struct strategy;
+struct conn;
+
+struct config {
+    char *listen;               /* HOST:PORT */
+    char *state_dir;
+    char *model_path;
+    char *ca, *cert, *key;
+    int require_client_cert;
+    uint64_t rounds;            /* 0 = until stopped */
+    uint32_t min_clients;
+    double round_timeout_s;
+    char *strategy;
+    char *weighting;            /* fedavg: examples | uniform | all */
+    double server_lr;
+    uint32_t max_frame_bytes;
+    uint64_t max_model_bytes;
+    uint32_t max_connections;
+    uint32_t max_uploads;       /* staged uploads at once; more wait with reads paused */
+    uint32_t handshake_timeout_ms;
+    uint32_t idle_timeout_ms;
+    uint32_t heartbeat_ms;
+    uint32_t chunk_bytes;
+    int log_level;
+    int log_json;
+};
+
+void config_defaults(struct config *c);
+void config_fini(struct config *c);
+
+/* The global model of the open round, serialized once into chunk frames and
+ * shared read-only by every connection that sends it. */
+struct model_blob {
+    int refs;
+    uint64_t round;
+    size_t nchunks;
+    uint8_t *frames;            /* all chunk frames back to back */
+    size_t *off;                /* nchunks + 1 offsets into frames */
+    uint64_t total_bytes;       /* model data bytes */
+    uint8_t sha256[32];         /* of the model data */
+};
+
+struct model_blob *blob_ref(struct model_blob *b);
+void blob_unref(struct model_blob *b);
+/* Builds the chunk frames of m for round (any thread). */
+int blob_build(const struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
+               struct model_blob **out);
+
+enum part_status {
+    PART_OFFERED = 0,
+    PART_UPLOADING,
+    PART_FOLDING,
+    PART_ACCEPTED,
+    PART_DECLINED,
+    PART_DROPPED,
+    PART_REJECTED,
+};
+
+/* One client's participation in the open round. */
+struct part {
+    int64_t client_id;
+    uint64_t conn_id;
+    int status;
+    uint64_t num_examples;
+    double raw_weight;          /* what was folded */
+    double weight;              /* applied: raw / divisor, set at finalize */
+    double train_loss;
+    uint64_t bytes;
+    double started, finished;   /* seconds (loop clock) */
+    char reason[160];
+};
+
+enum round_phase { PHASE_WAITING = 0, PHASE_OPEN, PHASE_CLOSING, PHASE_COMMITTING, PHASE_DONE };
+
+struct round {
+    uint64_t id;
+    int phase;
+    double opened_at;           /* loop seconds */
+    double deadline_at;
+    char started_iso[32];
+    struct part *parts;
+    size_t nparts, capparts;
+    uint32_t uploads_active;
+    uint32_t folds_inflight;
+    float *acc;                 /* sum of raw_weight * delta */
+    const char *close_reason;
+};
+
+struct server {
+    struct config cfg;
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    uv_signal_t sigint, sigterm;
+    uv_timer_t round_timer;
+    SSL_CTX *ssl_ctx;
+    struct pstore *store;
+    struct strategy *strat;
+
+    struct coh_model global;    /* x_t */
+    struct model_blob *blob;    /* x_t as chunk frames, for round `cur.id` */
+    uint64_t last_committed;
+    struct round cur;
+
+    struct idmap conns_by_id;   /* conn_id -> conn */
+    struct idmap conns_by_client; /* client_id -> conn */
+    struct conn *conn_list;
+    uint64_t next_conn_id;
+    uint32_t nconns, nready;
+
+    struct conn **slot_waiters; /* connections waiting for an upload slot (FIFO) */
+    size_t nwaiters, capwaiters;
+
+    int stopping;               /* shutting down: no new rounds */
+    int exit_code;
+    uint8_t readbuf[65536];     /* shared by all reads: consumed inside read_cb */
+};
+
+double server_now(struct server *s);
+void server_iso_now(char *buf, size_t len);
+/* Starts an orderly shutdown; done=1 tells clients the run is over. */
+void server_shutdown(struct server *s, int done, const char *reason);
+
+#endif

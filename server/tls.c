@@ -1,0 +1,52 @@
+/*
+ * The server's TLS context: TLS 1.3 only, the server identity, the federation
+ * CA for client certificates (mutual TLS unless told otherwise). Start-up only.
+ */
+#include "tls.h"
+
+#include <openssl/err.h>
+
+#include "log.h"
+
+SSL_CTX *tls_server_ctx(const char *ca, const char *cert, const char *key, int require_client_cert)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    char err[256];
+    if (!ctx)
+        goto fail;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
+        ERR_error_string_n(ERR_get_error(), err, sizeof err);
+        coh_err("tls", "cannot load --cert %s: %s", cert, err);
+        goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1) {
+        ERR_error_string_n(ERR_get_error(), err, sizeof err);
+        coh_err("tls", "cannot use --key %s with --cert %s: %s", key, cert, err);
+        goto fail;
+    }
+    if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1) {
+        ERR_error_string_n(ERR_get_error(), err, sizeof err);
+        coh_err("tls", "cannot load --ca %s: %s", ca, err);
+        goto fail;
+    }
+    STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(ca);
+    if (names)
+        SSL_CTX_set_client_CA_list(ctx, names);
+    SSL_CTX_set_verify(ctx,
+                       SSL_VERIFY_PEER |
+                           (require_client_cert ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0),
+                       NULL);
+    /* Clients reconnect rarely and resumption would skip the certificate check
+     * we bind identities to, so no session tickets. */
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_num_tickets(ctx, 0);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    return ctx;
+fail:
+    ERR_clear_error();
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+

@@ -1,0 +1,69 @@
+"""End to end: cohortd + 3 `cohort client --update` processes with fixed updates
+and example counts 100/300/600, 2 rounds of FedAvg. Every checkpoint must equal
+x + sum(n_i * d_i) / sum(n_i) (relative error < 1e-5) and the participation table
+must hold 6 accepted rows with the applied weights."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cohort_e2e import Check, Env, flat, rel_err, random_tensors, st_read, st_write, wait  # noqa
+
+LAYOUT = [("fc1.weight", [16, 12]), ("fc1.bias", [16]), ("fc2.weight", [3, 16]), ("fc2.bias", [3])]
+EXAMPLES = [100, 300, 600]
+
+
+def main():
+    t = Check("e2e-fedavg-exact")
+    env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=3, name="fedavg")
+    try:
+        init = os.path.join(env.dir, "init.safetensors")
+        st_write(init, random_tensors(0, LAYOUT, scale=1.0))
+        deltas = []
+        for i in range(3):
+            p = os.path.join(env.dir, "u%d.safetensors" % (i + 1))
+            tens = random_tensors(i + 1, LAYOUT, scale=0.05)
+            st_write(p, tens)
+            deltas.append(flat(st_read(p)))
+        srv = env.start_server(init, ["--rounds", "2", "--min-clients", "3",
+                                      "--round-timeout", "30", "--chunk-bytes", "1024"])
+        clients = [env.start_client(i + 1, ["--update", os.path.join(env.dir, "u%d.safetensors" % (i + 1)),
+                                            "--examples", str(EXAMPLES[i])]) for i in range(3)]
+        t.ok(wait(srv, 60, "cohortd") == 0, "cohortd exits 0 after round 2")
+        for i, c in enumerate(clients):
+            t.ok(wait(c, 30, "client") == 0, "client %d exits 0 when the run ends" % (i + 1))
+
+        x = flat(st_read(init))
+        total = float(sum(EXAMPLES))
+        step = [sum(EXAMPLES[i] * deltas[i][j] for i in range(3)) / total for j in range(len(x))]
+        for r in (1, 2):
+            x = [a + b for a, b in zip(x, step)]
+            got = flat(st_read(env.checkpoint(r)))
+            err = rel_err(got, x)
+            t.ok(err < 1e-5, "checkpoint %d equals x + sum(n d)/sum(n) (rel err %.2e)" % (r, err))
+
+        db = env.db()
+        rows = db.execute("SELECT p.round, c.name, p.status, p.num_examples, p.weight "
+                          "FROM participation p JOIN clients c ON c.id = p.client "
+                          "ORDER BY p.round, c.name").fetchall()
+        t.ok(len(rows) == 6 and all(r[2] == "accepted" for r in rows),
+             "6 accepted participation rows (got %s)" % [r[:3] for r in rows])
+        want = {"client-%d" % (i + 1): (EXAMPLES[i], EXAMPLES[i] / total) for i in range(3)}
+        t.ok(all(r[3] == want[r[1]][0] and abs(r[4] - want[r[1]][1]) < 1e-12 for r in rows),
+             "each row holds its example count and the applied weight n_i/sum(n)")
+        rounds = db.execute("SELECT round, participants, checkpoint, sha256 FROM rounds "
+                            "ORDER BY round").fetchall()
+        t.ok([r[0] for r in rounds] == [0, 1, 2] and [r[1] for r in rounds] == [0, 3, 3],
+             "rounds 0 (initial), 1 and 2 committed with 3 participants")
+        import hashlib
+        for r in rounds:
+            with open(r[2], "rb") as f:
+                t.ok(hashlib.sha256(f.read()).hexdigest() == r[3],
+                     "checkpoint of round %d matches its sha256 in the store" % r[0])
+        t.ok(db.execute("PRAGMA integrity_check").fetchone()[0] == "ok", "integrity_check ok")
+    finally:
+        env.cleanup()
+    t.done()
+
+
+if __name__ == "__main__":
+    main()

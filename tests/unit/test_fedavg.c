@@ -1,0 +1,174 @@
+/*
+ * FedAvg arithmetic through the real strategy and fold code:
+ * x' = x + eta * sum a_n delta_n with examples, uniform and all weighting.
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "fold.h"
+#include "pstore.h"
+#include "server.h"
+#include "strategy.h"
+
+#define P 1000
+#define K 3
+
+/* Runs one round's aggregation as round.c does and returns the new model. */
+static void aggregate(const char *weighting, double eta, const uint64_t *examples,
+                      const int *accepted, float x[P], float delta[K][P], struct pstore *ps,
+                      double *applied)
+{
+    struct config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.strategy = "fedavg";
+    cfg.weighting = (char *)weighting;
+    cfg.server_lr = eta;
+    struct strategy st;
+    char err[256];
+    assert_int_equal(strategy_create(&st, &cfg, ps, err, sizeof err), 0);
+    struct part parts[K];
+    memset(parts, 0, sizeof parts);
+    float *acc = calloc(P, sizeof(float));
+    struct round_ctx ctx = {.round = 1, .parts = parts, .nparts = K, .store = ps, .cfg = &cfg};
+    int any = 0;
+    for (int i = 0; i < K; i++) {
+        parts[i].client_id = i + 1;
+        parts[i].status = accepted[i] ? PART_ACCEPTED : PART_DECLINED;
+        parts[i].num_examples = examples[i];
+        if (!accepted[i])
+            continue;
+        any = 1;
+        parts[i].raw_weight = st.ops->weight(st.state, &ctx, i + 1, examples[i]);
+        fold_accumulate(acc, delta[i], P, (float)parts[i].raw_weight);
+    }
+    double divisor = 1;
+    if (any)
+        assert_int_equal(st.ops->finalize(st.state, &ctx, &divisor), 0);
+    for (int i = 0; i < K; i++)
+        applied[i] = parts[i].status == PART_ACCEPTED ? parts[i].raw_weight / divisor : 0;
+    if (any)
+        fold_apply(x, acc, P, (float)(eta / divisor));
+    free(acc);
+    strategy_destroy(&st);
+}
+
+static void fill(float x[P], float delta[K][P])
+{
+    for (int j = 0; j < P; j++) {
+        x[j] = sinf((float)j) * 0.3f;
+        for (int i = 0; i < K; i++)
+            delta[i][j] = cosf((float)(j * (i + 2))) * 0.01f * (float)(i + 1);
+    }
+}
+
+static double rel_err(const float *a, const double *b, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += (a[i] - b[i]) * (a[i] - b[i]);
+        den += b[i] * b[i];
+    }
+    return sqrt(num / den);
+}
+
+static float x[P], delta[K][P];
+static double expect[P];
+
+static void test_examples_weighting(void **state)
+{
+    fill(x, delta);
+    const uint64_t ex[K] = {100, 300, 600};
+    const int acc[K] = {1, 1, 1};
+    for (int j = 0; j < P; j++)
+        expect[j] = x[j] + (100.0 * delta[0][j] + 300.0 * delta[1][j] + 600.0 * delta[2][j]) / 1000.0;
+    double w[K];
+    aggregate("examples", 1.0, ex, acc, x, delta, NULL, w);
+    assert_true(rel_err(x, expect, P) < 1e-6);
+    assert_true(fabs(w[0] - 0.1) < 1e-12 && fabs(w[1] - 0.3) < 1e-12 && fabs(w[2] - 0.6) < 1e-12);
+}
+
+static void test_uniform_with_decline_and_server_lr(void **state)
+{
+    fill(x, delta);
+    const uint64_t ex[K] = {100, 300, 600};
+    const int acc[K] = {1, 0, 1};
+    for (int j = 0; j < P; j++)
+        expect[j] = x[j] + 2.0 * (delta[0][j] + delta[2][j]) / 2.0;
+    double w[K];
+    aggregate("uniform", 2.0, ex, acc, x, delta, NULL, w);
+    assert_true(rel_err(x, expect, P) < 1e-6);
+    assert_true(fabs(w[0] - 0.5) < 1e-12 && w[1] == 0 && fabs(w[2] - 0.5) < 1e-12);
+}
+
+static void test_all_weighting_divides_by_registered(void **state)
+{
+    char path[] = "/tmp/cohort-fedavg-XXXXXX";
+    int fd = mkstemp(path);
+    close(fd);
+    unlink(path);
+    struct pstore *ps;
+    char err[256];
+    assert_int_equal(pstore_open(&ps, path, err, sizeof err), 0);
+    int64_t id;
+    const char *names[] = {"a", "b", "c", "d", "e"}; /* 5 registered, 2 take part */
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(pstore_client_seen(ps, names[i], 10, &id), 0);
+    fill(x, delta);
+    const uint64_t ex[K] = {1, 1, 1};
+    const int acc[K] = {1, 1, 0};
+    for (int j = 0; j < P; j++)
+        expect[j] = x[j] + (delta[0][j] + delta[1][j]) / 5.0;
+    double w[K];
+    aggregate("all", 1.0, ex, acc, x, delta, ps, w);
+    assert_true(rel_err(x, expect, P) < 1e-6);
+    assert_true(fabs(w[0] - 0.2) < 1e-12);
+    pstore_close(ps);
+    unlink(path);
+}
+
+static void test_empty_round_keeps_model(void **state)
+{
+    fill(x, delta);
+    float before[P];
+    memcpy(before, x, sizeof x);
+    const uint64_t ex[K] = {1, 2, 3};
+    const int acc[K] = {0, 0, 0};
+    double w[K];
+    aggregate("examples", 1.0, ex, acc, x, delta, NULL, w);
+    assert_memory_equal(before, x, sizeof x);
+}
+
+static void test_unknown_weighting_refused(void **state)
+{
+    struct config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.strategy = "fedavg";
+    cfg.weighting = "median";
+    struct strategy st;
+    char err[256] = "";
+    assert_true(strategy_create(&st, &cfg, NULL, err, sizeof err) < 0);
+    assert_non_null(strstr(err, "weighting"));
+    cfg.strategy = "nope";
+    assert_true(strategy_create(&st, &cfg, NULL, err, sizeof err) < 0);
+    assert_non_null(strstr(err, "unknown strategy"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_examples_weighting),
+        cmocka_unit_test(test_uniform_with_decline_and_server_lr),
+        cmocka_unit_test(test_all_weighting_divides_by_registered),
+        cmocka_unit_test(test_empty_round_keeps_model),
+        cmocka_unit_test(test_unknown_weighting_refused),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
