@@ -43,6 +43,7 @@ void config_defaults(struct config *c)
     c->strategy = strdup("fedavg");
     c->weighting = strdup("examples");
     c->server_lr = 1.0;
+    c->durable = 1;
     c->max_frame_bytes = COH_FRAME_DEFAULT_MAX;
     c->max_model_bytes = 1ull << 30;
     c->max_connections = 10000;
@@ -87,6 +88,14 @@ static void usage(FILE *f)
             "  --strategy NAME           %s (default fedavg)\n"
             "  --weighting W             fedavg: examples|uniform|all (default examples)\n"
             "  --server-lr ETA           server learning rate (default 1)\n"
+            "  --fedau-cutoff K          fedau: close an absence interval after K rounds\n"
+            "                            (default 0: unlimited)\n"
+            "  --variance-correction     rescale each weight tensor of the new model to the mean\n"
+            "                            variance of the participants' models (Tian et al. 2024)\n"
+            "  --variance-correction-bias  also correct 1-D tensors (biases)\n"
+            "  --durability full|relaxed full (default): fsync every checkpoint and commit;\n"
+            "                            relaxed: no fsync (survives a crash of cohortd, not a\n"
+            "                            power loss; for simulations)\n"
             "  --max-frame-bytes N       largest frame accepted (default 8388608)\n"
             "  --max-model-bytes N       largest model accepted (default 1073741824)\n"
             "  --max-connections N       (default 10000)\n"
@@ -138,7 +147,7 @@ static void set_str(char **dst, const char *v)
 enum {
     O_LISTEN = 256, O_STATE, O_MODEL, O_CA, O_CERT, O_KEY, O_NOCC, O_ROUNDS, O_MINC, O_RTO,
     O_STRAT, O_WEIGHT, O_SLR, O_MAXFRAME, O_MAXMODEL, O_MAXCONN, O_MAXUP, O_HSTO, O_IDLE, O_HB,
-    O_CHUNK, O_LOGLEVEL, O_LOGFMT, O_VERSION, O_HELP
+    O_CHUNK, O_LOGLEVEL, O_LOGFMT, O_VERSION, O_HELP, O_CUTOFF, O_VC, O_VCB, O_DURA
 };
 
 static int parse_args(struct config *c, int argc, char **argv)
@@ -154,6 +163,8 @@ static int parse_args(struct config *c, int argc, char **argv)
         {"handshake-timeout-ms", 1, 0, O_HSTO}, {"idle-timeout-ms", 1, 0, O_IDLE},
         {"heartbeat-ms", 1, 0, O_HB}, {"chunk-bytes", 1, 0, O_CHUNK},
         {"log-level", 1, 0, O_LOGLEVEL}, {"log-format", 1, 0, O_LOGFMT},
+        {"fedau-cutoff", 1, 0, O_CUTOFF}, {"variance-correction", 0, 0, O_VC},
+        {"variance-correction-bias", 0, 0, O_VCB}, {"durability", 1, 0, O_DURA},
         {"version", 0, 0, O_VERSION}, {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
     int o;
     uint64_t u;
@@ -228,6 +239,22 @@ static int parse_args(struct config *c, int argc, char **argv)
                 c->log_json = 0;
             else {
                 fprintf(stderr, "cohortd: --log-format must be text or json\n");
+                return 2;
+            }
+            break;
+        case O_CUTOFF:
+            if (parse_u64("--fedau-cutoff", optarg, 0, 1000000000, &c->fedau_cutoff) < 0)
+                return 2;
+            break;
+        case O_VC: c->variance_correction = 1; break;
+        case O_VCB: c->variance_correction = 1; c->vc_include_1d = 1; break;
+        case O_DURA:
+            if (strcmp(optarg, "full") == 0)
+                c->durable = 1;
+            else if (strcmp(optarg, "relaxed") == 0)
+                c->durable = 0;
+            else {
+                fprintf(stderr, "cohortd: --durability must be full or relaxed\n");
                 return 2;
             }
             break;
@@ -452,6 +479,7 @@ int main(int argc, char **argv)
         coh_err("main", "participation store: %s", err);
         goto out;
     }
+    pstore_set_durable(s->store, s->cfg.durable);
     s->strat = calloc(1, sizeof *s->strat);
     if (!s->strat || strategy_create(s->strat, &s->cfg, s->store, err, sizeof err) < 0) {
         coh_err("main", "%s", err);
@@ -502,11 +530,14 @@ int main(int argc, char **argv)
     sweep_timer.data = s;
     uv_timer_start(&sweep_timer, on_sweep, 1000, 1000);
 
-    coh_notice("main", "cohortd 0.1.0 listening on %s (TLS 1.3, %s), strategy %s, state %s, "
-               "next round %llu%s", s->cfg.listen,
-               s->cfg.require_client_cert ? "client certificates required" : "client certificates optional",
-               s->cfg.strategy, s->cfg.state_dir, (unsigned long long)s->last_committed + 1,
-               s->cfg.rounds ? "" : " (no round limit)");
+    coh_notice("main", "cohortd 0.1.0 listening on %s (TLS 1.3, %s), strategy %s%s, state %s, "
+               "next round %llu%s%s", s->cfg.listen,
+               s->cfg.require_client_cert ? "client certificates required"
+                                          : "client certificates optional",
+               s->cfg.strategy, s->cfg.variance_correction ? " + variance correction" : "",
+               s->cfg.state_dir, (unsigned long long)s->last_committed + 1,
+               s->cfg.rounds ? "" : " (no round limit)",
+               s->cfg.durable ? "" : ", durability relaxed");
     printf("cohortd: listening on %s\n", s->cfg.listen);
     fflush(stdout);
     uv_run(s->loop, UV_RUN_DEFAULT);

@@ -137,6 +137,12 @@ sqlite3 *pstore_db(struct pstore *p)
     return p->db;
 }
 
+void pstore_set_durable(struct pstore *p, int durable)
+{
+    sqlite3_exec(p->db, durable ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL", NULL,
+                 NULL, NULL);
+}
+
 int pstore_client_seen(struct pstore *p, const char *name, uint64_t num_examples, int64_t *id)
 {
     char now[32];

@@ -19,6 +19,9 @@ struct part;
 int pstore_open(struct pstore **out, const char *path, char *err, size_t errlen);
 void pstore_close(struct pstore *p);
 sqlite3 *pstore_db(struct pstore *p);
+/* durable=1: synchronous=FULL (default); 0: NORMAL (a crash of the process
+ * loses nothing; a power loss may lose the last rounds). */
+void pstore_set_durable(struct pstore *p, int durable);
 
 /* Registers a client by certificate name (or refreshes last_seen); *id gets
  * its row id. */

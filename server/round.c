@@ -19,6 +19,7 @@
 
 #include "cohort_err.h"
 #include "conn.h"
+#include "varcorr.h"
 #include "fold.h"
 #include "log.h"
 #include "pstore.h"
@@ -37,6 +38,11 @@ struct fold_job {
     size_t n;
     float weight;
     float *acc;
+    /* Variance correction: Var(x + delta) per eligible tensor, computed while the
+     * update is hot, so the round needs no second pass over the updates. */
+    const struct coh_model *global;
+    double *vars;
+    int vc_1d;
 };
 
 struct finalize_job {
@@ -46,6 +52,9 @@ struct finalize_job {
     struct coh_model next;
     const float *acc;           /* NULL: empty round, model unchanged */
     float scale;
+    double *vc_target;          /* per tensor target variance, NULL: no correction */
+    int vc_1d;
+    int durable;
     uint32_t chunk_bytes;
     char path[1100];
     uint8_t sha[32];
@@ -117,8 +126,10 @@ void round_fini(struct server *s)
 {
     free(s->cur.parts);
     free(s->cur.acc);
+    free(s->cur.vc_var_sum);
     s->cur.parts = NULL;
     s->cur.acc = NULL;
+    s->cur.vc_var_sum = NULL;
     free(s->slot_waiters);
     s->slot_waiters = NULL;
     uv_close((uv_handle_t *)&grant_timer, NULL);
@@ -245,6 +256,10 @@ void round_maybe_start(struct server *s)
     server_iso_now(r->started_iso, sizeof r->started_iso);
     free(r->acc);
     r->acc = NULL;
+    free(r->vc_var_sum);
+    r->vc_var_sum = NULL;
+    if (s->cfg.variance_correction)
+        r->vc_var_sum = calloc(s->global.ntensors ? s->global.ntensors : 1, sizeof(double));
     r->phase = PHASE_OPEN;
     struct round_ctx ctx = {.round = r->id, .store = s->store, .cfg = &s->cfg};
     if (s->strat->ops->begin_round && s->strat->ops->begin_round(s->strat->state, &ctx) < 0)
@@ -472,6 +487,17 @@ static void fold_work(uv_work_t *req)
 {
     struct fold_job *j = req->data;
     fold_accumulate(j->acc, j->delta, j->n, j->weight);
+    if (j->vars) {
+        const struct coh_model *g = j->global;
+        for (size_t t = 0; t < g->ntensors; t++) {
+            const struct coh_tensor *ten = &g->tensors[t];
+            if (!coh_vc_eligible(ten, j->vc_1d))
+                continue;
+            double mean;
+            coh_vc_moments(g->data + ten->offset, j->delta + ten->offset, ten->numel, &mean,
+                           &j->vars[t]);
+        }
+    }
 }
 
 static void fold_done(uv_work_t *req, int status)
@@ -482,6 +508,10 @@ static void fold_done(uv_work_t *req, int status)
     s->cur.folds_inflight--;
     free(j->delta);
     j->delta = NULL;
+    if (j->vars && j->round == s->cur.id && s->cur.vc_var_sum)
+        for (size_t t = 0; t < s->global.ntensors; t++)
+            s->cur.vc_var_sum[t] += j->vars[t];
+    free(j->vars);
     s->cur.uploads_active--;
     uv_timer_start(&grant_timer, on_grant, 0, 0);
     struct part *p = j->round == s->cur.id ? find_part(s, j->client_id) : NULL;
@@ -575,6 +605,16 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     j->n = s->global.numel;
     j->weight = (float)w;
     j->acc = s->cur.acc;
+    if (s->cfg.variance_correction) {
+        j->global = &s->global;
+        j->vc_1d = s->cfg.vc_include_1d;
+        j->vars = calloc(s->global.ntensors ? s->global.ntensors : 1, sizeof(double));
+        if (!j->vars) {
+            free(j);
+            reject(s, c, p, COHORT_ENOMEM, "server out of memory");
+            return;
+        }
+    }
     p->raw_weight = w;
     p->status = PART_FOLDING;
     /* The staging buffer (and its slot) now belongs to the fold job. */
@@ -630,12 +670,20 @@ static void finalize_work(uv_work_t *req)
     struct finalize_job *j = req->data;
     if (j->acc)
         fold_apply(j->next.data, j->acc, j->next.numel, j->scale);
+    if (j->acc && j->vc_target) {
+        for (size_t t = 0; t < j->next.ntensors; t++) {
+            const struct coh_tensor *ten = &j->next.tensors[t];
+            if (coh_vc_eligible(ten, j->vc_1d))
+                coh_vc_rescale(j->next.data + ten->offset, ten->numel, j->vc_target[t],
+                               COH_VC_EPS);
+        }
+    }
     if (!coh_model_all_finite(&j->next)) {
         j->rc = COHORT_ENONFINITE;
         snprintf(j->err, sizeof j->err, "the new model is not finite (server_lr too large?)");
         return;
     }
-    j->rc = coh_st_save(j->path, &j->next, 1, j->sha);
+    j->rc = coh_st_save(j->path, &j->next, j->durable, j->sha);
     if (j->rc < 0) {
         snprintf(j->err, sizeof j->err, "writing %s: %s", j->path, cohort_strerror(j->rc));
         return;
@@ -682,6 +730,7 @@ static void finalize_done(uv_work_t *req, int status)
         coh_err("round", "round %llu: %s; cannot commit, stopping", (unsigned long long)j->round,
                 j->err);
         coh_model_fini(&j->next);
+        free(j->vc_target);
         free(j);
         s->exit_code = 1;
         server_shutdown(s, 0, "server error while committing a round");
@@ -729,6 +778,7 @@ static void finalize_done(uv_work_t *req, int status)
                 (unsigned long long)j->round, s->cfg.state_dir);
         coh_model_fini(&j->next);
         blob_unref(j->blob);
+        free(j->vc_target);
         free(j);
         s->exit_code = 1;
         server_shutdown(s, 0, "server error while committing a round");
@@ -741,6 +791,7 @@ static void finalize_done(uv_work_t *req, int status)
     s->last_committed = j->round;
     free(r->acc);
     r->acc = NULL;
+    free(j->vc_target);
     coh_notice("round",
                "round %llu: committed: %u of %u offered accepted, %llu examples, mean train loss "
                "%.4f, %.2f s (%s)",
@@ -777,9 +828,11 @@ static void finalize(struct server *s)
         server_shutdown(s, 0, "strategy failure");
         return;
     }
+    int raw = s->strat->ops->weight_is_raw;
     for (size_t i = 0; i < r->nparts; i++)
-        r->parts[i].weight =
-            r->parts[i].status == PART_ACCEPTED ? r->parts[i].raw_weight / divisor : 0.0;
+        r->parts[i].weight = r->parts[i].status != PART_ACCEPTED ? 0.0
+                             : raw ? r->parts[i].raw_weight
+                                   : r->parts[i].raw_weight / divisor;
     struct finalize_job *j = calloc(1, sizeof *j);
     if (!j || coh_model_clone(&j->next, &s->global, 1) < 0) {
         free(j);
@@ -792,6 +845,15 @@ static void finalize(struct server *s)
     j->round = r->id;
     j->acc = accepted ? r->acc : NULL;
     j->scale = (float)(s->cfg.server_lr / divisor);
+    j->durable = s->cfg.durable;
+    j->vc_1d = s->cfg.vc_include_1d;
+    if (accepted && s->cfg.variance_correction && r->vc_var_sum) {
+        /* Target: the mean of the participants' variances, per tensor. */
+        j->vc_target = r->vc_var_sum;
+        r->vc_var_sum = NULL;
+        for (size_t t = 0; t < s->global.ntensors; t++)
+            j->vc_target[t] /= (double)accepted;
+    }
     j->chunk_bytes = s->cfg.chunk_bytes;
     snprintf(j->path, sizeof j->path, "%s/checkpoints/round-%06llu.safetensors", s->cfg.state_dir,
              (unsigned long long)r->id);

@@ -30,6 +30,10 @@ struct config {
     char *strategy;
     char *weighting;            /* fedavg: examples | uniform | all */
     double server_lr;
+    uint64_t fedau_cutoff;      /* K; 0 = unlimited */
+    int variance_correction;
+    int vc_include_1d;
+    int durable;                /* 1: fsync checkpoints, SQLite synchronous=FULL */
     uint32_t max_frame_bytes;
     uint64_t max_model_bytes;
     uint32_t max_connections;
@@ -100,6 +104,7 @@ struct round {
     uint32_t uploads_active;
     uint32_t folds_inflight;
     float *acc;                 /* sum of raw_weight * delta */
+    double *vc_var_sum;         /* per tensor: sum over accepted updates of Var(x + delta) */
     const char *close_reason;
 };
 

@@ -7,11 +7,11 @@
 #include "cohort_err.h"
 #include "server.h"
 
-static const struct strategy_ops *const all[] = {&strategy_fedavg};
+static const struct strategy_ops *const all[] = {&strategy_fedavg, &strategy_fedau};
 
 const char *strategy_names(void)
 {
-    return "fedavg";
+    return "fedavg, fedau";
 }
 
 int strategy_create(struct strategy *out, const struct config *cfg, struct pstore *store,

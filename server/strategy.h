@@ -40,6 +40,9 @@ struct strategy_ops {
     int (*finalize)(void *state, struct round_ctx *ctx, double *divisor);
     /* Persists per-client state inside the round's transaction (may be NULL). */
     int (*commit)(void *state, struct round_ctx *ctx, sqlite3 *db);
+    /* 1: the participation row's weight column records the raw weight (FedAU's
+     * omega); 0: the applied fraction weight/divisor (FedAvg's a_n). */
+    int weight_is_raw;
 };
 
 struct strategy {
@@ -55,5 +58,6 @@ void strategy_destroy(struct strategy *s);
 const char *strategy_names(void);
 
 extern const struct strategy_ops strategy_fedavg;
+extern const struct strategy_ops strategy_fedau;
 
 #endif

@@ -20,6 +20,7 @@
 #include "cli.h"
 #include "cohort.h"
 #include "model.h"
+#include "participation.h"
 #include "rng.h"
 #include "safetensors.h"
 
@@ -40,6 +41,7 @@ struct client_ctx {
     const char *cmd;
     char tmpdir[256];
     int verbose;
+    struct participation pattern;
 };
 
 static cohort_client *the_client;
@@ -222,6 +224,11 @@ static int train_exec(struct client_ctx *x, struct cohort_round *r)
 static int train_cb(struct cohort_round *r, void *user)
 {
     struct client_ctx *x = user;
+    if (!participation_next(&x->pattern)) {
+        r->decline = 1;
+        snprintf(r->decline_reason, sizeof r->decline_reason, "inactive (participation pattern)");
+        return 0;
+    }
     switch (x->kind) {
     case T_FMNIST:
         return train_fmnist(x, r);
@@ -256,6 +263,11 @@ static void usage(FILE *f)
             "  --lr LR                   local learning rate (default 0.1)\n"
             "  --data-dir DIR            (default %s)\n"
             "\n"
+            "participation:\n"
+            "  --participation P         always (default) | bernoulli:P | markov:P[:A] |\n"
+            "                            cyclic:P[:L]; on each round offer the client takes part\n"
+            "                            or declines as the pattern says (seeded by --seed)\n"
+            "\n"
             "connection:\n"
             "  --once                    leave after taking part in one round\n"
             "  --server-name NAME        name to verify in the server certificate\n"
@@ -285,9 +297,10 @@ int client_main(int argc, char **argv)
         {"seed", 1, 0, 'r'}, {"local-steps", 1, 0, 'l'}, {"batch", 1, 0, 'b'},
         {"lr", 1, 0, 'L'}, {"data-dir", 1, 0, 'd'}, {"once", 0, 0, 'o'},
         {"server-name", 1, 0, 'N'}, {"max-attempts", 1, 0, 'm'}, {"retry-ms", 1, 0, 'R'},
-        {"verbose", 0, 0, 'v'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+        {"verbose", 0, 0, 'v'}, {"participation", 1, 0, 'P'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
     const char *server = NULL, *ca = NULL, *cert = NULL, *key = NULL, *trainer = NULL;
     const char *update = NULL, *split = "iid", *data_dir = FMNIST_DEFAULT_DIR, *sname = NULL;
+    const char *pattern = "always";
     struct client_ctx x;
     memset(&x, 0, sizeof x);
     x.tcfg.local_steps = 100;
@@ -353,6 +366,7 @@ int client_main(int argc, char **argv)
             }
             break;
         case 'v': x.verbose = 1; break;
+        case 'P': pattern = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -369,6 +383,12 @@ int client_main(int argc, char **argv)
     }
     char err[512];
     int rc = 1;
+    struct participation_spec pspec;
+    if (participation_parse(pattern, &pspec, err, sizeof err) < 0) {
+        fprintf(stderr, "cohort client: --participation: %s\n", err);
+        return 2;
+    }
+    participation_init(&x.pattern, &pspec, -1, seed * 7919u + 17u);
     if (trainer) {
         if (strcmp(trainer, "fmnist") != 0) {
             fprintf(stderr, "cohort client: unknown trainer '%s' (known: fmnist)\n", trainer);
