@@ -336,6 +336,16 @@ static int take_identity(struct conn *c)
         }
     }
     snprintf(c->name, sizeof c->name, "%s", cn);
+    if (!server_client_allowed(c->srv, c->name)) {
+        char label[400];
+        coh_warn("conn", "%s: client '%s' is not in the allow-list; refusing",
+                 conn_label(c, label, sizeof label), c->name);
+        c->state = CONN_HELLO; /* lets the Error frame through */
+        conn_send_error(c, COHORT_ECERT, 0, 1, "client '%s' is not allowed in this federation",
+                        c->name);
+        conn_close(c, "not in the allow-list");
+        return -1;
+    }
     return 0;
 }
 
@@ -423,6 +433,13 @@ static void process(struct conn *c)
         flush(c);
         if (!c->paused)
             coh_frame_rx_trim(&c->rx, 65536);
+        /* Slow senders (one byte a second) keep a connection "active" forever; a
+         * frame or TLS record that stays incomplete too long closes it instead. */
+        int partial = coh_frame_rx_pending(&c->rx) > 0 || BIO_ctrl_pending(c->rbio) > 0;
+        if (!partial)
+            c->partial_since = 0;
+        else if (c->partial_since == 0)
+            c->partial_since = server_now(c->srv);
     }
 }
 
@@ -527,6 +544,14 @@ void conn_sweep(struct server *s)
                            s->cfg.handshake_timeout_ms);
         } else if ((now - c->last_rx) * 1000.0 > s->cfg.idle_timeout_ms && !c->paused) {
             conn_close(c, "idle for more than %u ms", s->cfg.idle_timeout_ms);
+        } else if (c->partial_since > 0 && !c->paused &&
+                   (now - c->partial_since) * 1000.0 > s->cfg.frame_timeout_ms) {
+            conn_send_error(c, COHORT_ETIMEDOUT, 0, 1, "a frame took longer than %u ms to arrive",
+                            s->cfg.frame_timeout_ms);
+            conn_close(c, "incomplete frame for more than %u ms (slow sender)",
+                       s->cfg.frame_timeout_ms);
+        } else if (c->up.active && (now - c->up.started) * 1000.0 > s->cfg.upload_timeout_ms) {
+            round_upload_expired(s, c);
         }
     }
 }

@@ -27,6 +27,7 @@ struct upload {
     uint64_t round;
     uint64_t num_examples;
     uint64_t total;             /* bytes expected */
+    double started;             /* loop seconds, for the upload deadline */
     uint64_t received;
     size_t checked;             /* floats already checked for NaN/Inf */
     float *buf;
@@ -47,6 +48,7 @@ struct conn {
     int64_t client_id;          /* store id, 0 before Hello */
     uint64_t hello_examples;
     double accepted_at, last_rx, closing_at;
+    double partial_since;       /* an incomplete frame or TLS record has waited since; 0: none */
 
     struct coh_frame_rx rx;
     size_t tx_pending;          /* ciphertext bytes handed to libuv, not yet written */

@@ -49,6 +49,9 @@ void config_defaults(struct config *c)
     c->max_connections = 10000;
     c->max_uploads = 4;
     c->handshake_timeout_ms = 10000;
+    c->upload_timeout_ms = 300000;
+    c->frame_timeout_ms = 30000;
+    c->max_tensors = 65536;
     c->idle_timeout_ms = 120000;
     c->heartbeat_ms = 15000;
     c->chunk_bytes = COH_CHUNK_DEFAULT;
@@ -65,6 +68,8 @@ void config_fini(struct config *c)
     free(c->key);
     free(c->strategy);
     free(c->weighting);
+    free(c->crl);
+    free(c->allow_clients);
     memset(c, 0, sizeof *c);
 }
 
@@ -82,6 +87,8 @@ static void usage(FILE *f)
             "                            already holds committed rounds\n"
             "  --ca FILE --cert FILE --key FILE   federation CA and the server's identity\n"
             "  --no-client-cert          accept clients without a certificate (not for production)\n"
+            "  --crl FILE                PEM certificate revocation list; revoked clients are refused\n"
+            "  --allow-clients FILE      only these client names (one per line, # comments) may join\n"
             "  --rounds R                exit 0 after committing round R (0: run until stopped)\n"
             "  --min-clients M           clients connected before a round opens (default 1)\n"
             "  --round-timeout SECONDS   round deadline (default 60)\n"
@@ -102,6 +109,10 @@ static void usage(FILE *f)
             "  --max-uploads N           uploads staged at once; others wait, reads paused (default 4)\n"
             "  --handshake-timeout-ms N  TLS handshake + Hello deadline (default 10000)\n"
             "  --idle-timeout-ms N       close connections silent this long (default 120000)\n"
+            "  --frame-timeout-ms N      close a connection whose frame stays incomplete this long\n"
+            "                            (slow senders; default 30000)\n"
+            "  --upload-timeout-ms N     an update upload must finish within this (default 300000)\n"
+            "  --max-tensors N           largest tensor count of a model (default 65536)\n"
             "  --heartbeat-ms N          heartbeat interval announced to clients (default 15000)\n"
             "  --chunk-bytes N           model chunk payload (default 262144)\n"
             "  --log-level L             err|warn|notice|info|debug (default notice)\n"
@@ -147,7 +158,7 @@ static void set_str(char **dst, const char *v)
 enum {
     O_LISTEN = 256, O_STATE, O_MODEL, O_CA, O_CERT, O_KEY, O_NOCC, O_ROUNDS, O_MINC, O_RTO,
     O_STRAT, O_WEIGHT, O_SLR, O_MAXFRAME, O_MAXMODEL, O_MAXCONN, O_MAXUP, O_HSTO, O_IDLE, O_HB,
-    O_CHUNK, O_LOGLEVEL, O_LOGFMT, O_VERSION, O_HELP, O_CUTOFF, O_VC, O_VCB, O_DURA
+    O_CHUNK, O_LOGLEVEL, O_LOGFMT, O_VERSION, O_HELP, O_CUTOFF, O_VC, O_VCB, O_DURA, O_CRL, O_ALLOW, O_FRAMETO, O_UPTO, O_MAXT
 };
 
 static int parse_args(struct config *c, int argc, char **argv)
@@ -165,6 +176,9 @@ static int parse_args(struct config *c, int argc, char **argv)
         {"log-level", 1, 0, O_LOGLEVEL}, {"log-format", 1, 0, O_LOGFMT},
         {"fedau-cutoff", 1, 0, O_CUTOFF}, {"variance-correction", 0, 0, O_VC},
         {"variance-correction-bias", 0, 0, O_VCB}, {"durability", 1, 0, O_DURA},
+        {"crl", 1, 0, O_CRL}, {"allow-clients", 1, 0, O_ALLOW},
+        {"frame-timeout-ms", 1, 0, O_FRAMETO}, {"upload-timeout-ms", 1, 0, O_UPTO},
+        {"max-tensors", 1, 0, O_MAXT},
         {"version", 0, 0, O_VERSION}, {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
     int o;
     uint64_t u;
@@ -247,6 +261,20 @@ static int parse_args(struct config *c, int argc, char **argv)
                 return 2;
             break;
         case O_VC: c->variance_correction = 1; break;
+        case O_CRL: set_str(&c->crl, optarg); break;
+        case O_ALLOW: set_str(&c->allow_clients, optarg); break;
+        case O_FRAMETO:
+            if (parse_u64("--frame-timeout-ms", optarg, 10, 86400000, &u) < 0) return 2;
+            c->frame_timeout_ms = (uint32_t)u;
+            break;
+        case O_UPTO:
+            if (parse_u64("--upload-timeout-ms", optarg, 10, 86400000, &u) < 0) return 2;
+            c->upload_timeout_ms = (uint32_t)u;
+            break;
+        case O_MAXT:
+            if (parse_u64("--max-tensors", optarg, 1, 10000000, &u) < 0) return 2;
+            c->max_tensors = (uint32_t)u;
+            break;
         case O_VCB: c->variance_correction = 1; c->vc_include_1d = 1; break;
         case O_DURA:
             if (strcmp(optarg, "full") == 0)
@@ -297,7 +325,8 @@ static int load_state(struct server *s)
         coh_err("main", "cannot read the participation store");
         return -1;
     }
-    struct coh_st_limits lim = {.max_bytes = s->cfg.max_model_bytes};
+    struct coh_st_limits lim = {.max_bytes = s->cfg.max_model_bytes,
+                                .max_tensors = s->cfg.max_tensors};
     if (last.found) {
         uint8_t sha[32];
         char hex[65];
@@ -357,6 +386,75 @@ static int load_state(struct server *s)
     pstore_meta_set(s->store, "model_layout", desc);
     coh_notice("main", "initial model %s: %zu tensors, %zu parameters (%s)", s->cfg.model_path,
                s->global.ntensors, s->global.numel, desc);
+    return 0;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int server_client_allowed(const struct server *s, const char *name)
+{
+    if (!s->allowed)
+        return 1;
+    return bsearch(&name, s->allowed, s->nallowed, sizeof *s->allowed, cmp_str) != NULL;
+}
+
+static void free_allow_list(struct server *s)
+{
+    for (size_t i = 0; i < s->nallowed; i++)
+        free(s->allowed[i]);
+    free(s->allowed);
+    s->allowed = NULL;
+    s->nallowed = 0;
+}
+
+/* One name per line; blank lines and # comments ignored. */
+static int load_allow_list(struct server *s, const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        coh_err("main", "--allow-clients %s: %s", path, strerror(errno));
+        return -1;
+    }
+    char line[512];
+    size_t cap = 0;
+    int lineno = 0;
+    s->allowed = NULL;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        size_t n = strlen(line);
+        if (n == sizeof line - 1 && line[n - 1] != '\n') {
+            coh_err("main", "%s:%d: line too long", path, lineno);
+            fclose(f);
+            return -1;
+        }
+        char *p = line;
+        while (*p == ' ' || *p == '\t')
+            p++;
+        char *e = p + strlen(p);
+        while (e > p && (e[-1] == '\n' || e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
+            *--e = '\0';
+        if (!*p || *p == '#')
+            continue;
+        if (s->nallowed == cap) {
+            cap = cap ? cap * 2 : 64;
+            char **na = realloc(s->allowed, cap * sizeof *na);
+            if (!na) {
+                fclose(f);
+                return -1;
+            }
+            s->allowed = na;
+        }
+        s->allowed[s->nallowed++] = strdup(p);
+    }
+    fclose(f);
+    if (!s->allowed) {
+        s->allowed = calloc(1, sizeof *s->allowed); /* an empty list allows no one */
+    }
+    qsort(s->allowed, s->nallowed, sizeof *s->allowed, cmp_str);
+    coh_notice("main", "allow-list %s: %zu client names", path, s->nallowed);
     return 0;
 }
 
@@ -487,6 +585,8 @@ int main(int argc, char **argv)
     }
     if (load_state(s) < 0)
         goto out;
+    if (s->cfg.allow_clients && load_allow_list(s, s->cfg.allow_clients) < 0)
+        goto out;
     if (s->cfg.rounds && s->last_committed >= s->cfg.rounds) {
         coh_notice("main", "all %llu rounds are already committed in %s; nothing to do",
                    (unsigned long long)s->cfg.rounds, s->cfg.state_dir);
@@ -499,7 +599,8 @@ int main(int argc, char **argv)
     }
     if (blob_build(&s->global, s->last_committed + 1, s->cfg.chunk_bytes, &s->blob) < 0)
         goto out;
-    s->ssl_ctx = tls_server_ctx(s->cfg.ca, s->cfg.cert, s->cfg.key, s->cfg.require_client_cert);
+    s->ssl_ctx = tls_server_ctx(s->cfg.ca, s->cfg.cert, s->cfg.key, s->cfg.crl,
+                               s->cfg.require_client_cert);
     if (!s->ssl_ctx)
         goto out;
 
@@ -554,6 +655,7 @@ out:
     SSL_CTX_free(s->ssl_ctx);
     idmap_fini(&s->conns_by_id);
     idmap_fini(&s->conns_by_client);
+    free_allow_list(s);
     config_fini(&s->cfg);
     return rc;
 }

@@ -435,6 +435,7 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
         return 0;
     }
     u->active = 1;
+    u->started = server_now(s);
     u->round = b->round;
     u->num_examples = b->num_examples;
     u->total = b->total_bytes;
@@ -653,6 +654,23 @@ void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m
     p->status = PART_DECLINED;
     p->finished = server_now(s);
     snprintf(p->reason, sizeof p->reason, "%.150s", m->reason ? m->reason : "");
+    check_close(s);
+}
+
+void round_upload_expired(struct server *s, struct conn *c)
+{
+    struct part *p = find_part(s, c->client_id);
+    if (p && p->conn_id == c->id && p->status == PART_UPLOADING) {
+        p->status = PART_DROPPED;
+        p->finished = server_now(s);
+        snprintf(p->reason, sizeof p->reason, "upload not finished within %u ms",
+                 s->cfg.upload_timeout_ms);
+    }
+    c->discard_round = c->up.round;
+    upload_release(c);
+    conn_send_error(c, COHORT_ETIMEDOUT, s->cur.id, 1, "upload not finished within %u ms",
+                    s->cfg.upload_timeout_ms);
+    conn_close(c, "upload not finished within %u ms", s->cfg.upload_timeout_ms);
     check_close(s);
 }
 

@@ -25,6 +25,8 @@ void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_vie
 void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m);
 void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m);
 void round_slot_freed(struct server *s);
+/* The upload of c passed --upload-timeout-ms: drop it and close c. */
+void round_upload_expired(struct server *s, struct conn *c);
 /* Jobs still running on the thread pool (shutdown waits for 0). */
 int round_jobs_inflight(struct server *s);
 

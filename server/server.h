@@ -17,6 +17,7 @@
 struct pstore;
 struct strategy;
 struct conn;
+struct server;
 
 struct config {
     char *listen;               /* HOST:PORT */
@@ -39,6 +40,11 @@ struct config {
     uint32_t max_connections;
     uint32_t max_uploads;       /* staged uploads at once; more wait with reads paused */
     uint32_t handshake_timeout_ms;
+    uint32_t upload_timeout_ms; /* UpdateBegin to UpdateEnd */
+    uint32_t frame_timeout_ms;  /* a started frame (or TLS record) must complete within this */
+    uint32_t max_tensors;
+    char *crl;                  /* PEM CRL file(s); revoked client certificates are refused */
+    char *allow_clients;        /* file with one allowed client name per line */
     uint32_t idle_timeout_ms;
     uint32_t heartbeat_ms;
     uint32_t chunk_bytes;
@@ -47,6 +53,8 @@ struct config {
 };
 
 void config_defaults(struct config *c);
+/* 1 when name may join (always when no allow-list is configured). */
+int server_client_allowed(const struct server *s, const char *name);
 void config_fini(struct config *c);
 
 /* The global model of the open round, serialized once into chunk frames and
@@ -131,6 +139,9 @@ struct server {
 
     struct conn **slot_waiters; /* connections waiting for an upload slot (FIFO) */
     size_t nwaiters, capwaiters;
+
+    char **allowed;             /* sorted allow-list, NULL: every CA-signed client */
+    size_t nallowed;
 
     int stopping;               /* shutting down: no new rounds */
     int exit_code;

@@ -5,10 +5,40 @@
 #include "tls.h"
 
 #include <openssl/err.h>
+#include <openssl/pem.h>
 
 #include "log.h"
 
-SSL_CTX *tls_server_ctx(const char *ca, const char *cert, const char *key, int require_client_cert)
+/* Adds every CRL in a PEM file to the verification store and turns checking on. */
+static int load_crl(SSL_CTX *ctx, const char *path)
+{
+    BIO *in = BIO_new_file(path, "r");
+    if (!in) {
+        coh_err("tls", "cannot open --crl %s", path);
+        return -1;
+    }
+    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+    int n = 0;
+    X509_CRL *crl;
+    while ((crl = PEM_read_bio_X509_CRL(in, NULL, NULL, NULL)) != NULL) {
+        X509_STORE_add_crl(store, crl);
+        X509_CRL_free(crl);
+        n++;
+    }
+    BIO_free(in);
+    ERR_clear_error();
+    if (n == 0) {
+        coh_err("tls", "--crl %s holds no PEM certificate revocation list", path);
+        return -1;
+    }
+    /* Leaf certificates only: the federation CA itself is not revoked by a CRL. */
+    X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK);
+    coh_notice("tls", "revocation list %s: %d CRL(s) loaded", path, n);
+    return 0;
+}
+
+SSL_CTX *tls_server_ctx(const char *ca, const char *cert, const char *key, const char *crl,
+                        int require_client_cert)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     char err[256];
@@ -31,6 +61,8 @@ SSL_CTX *tls_server_ctx(const char *ca, const char *cert, const char *key, int r
         coh_err("tls", "cannot load --ca %s: %s", ca, err);
         goto fail;
     }
+    if (crl && load_crl(ctx, crl) < 0)
+        goto fail;
     STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(ca);
     if (names)
         SSL_CTX_set_client_CA_list(ctx, names);

@@ -6,6 +6,7 @@
 
 /* Returns a server SSL_CTX or NULL after logging what was wrong with which file.
  * Client certificates are verified against ca and must carry clientAuth. */
-SSL_CTX *tls_server_ctx(const char *ca, const char *cert, const char *key, int require_client_cert);
+SSL_CTX *tls_server_ctx(const char *ca, const char *cert, const char *key, const char *crl,
+                        int require_client_cert);
 
 #endif

@@ -40,7 +40,11 @@ def main():
             ups.append(p)
         args = ["--rounds", str(ROUNDS), "--min-clients", "3", "--round-timeout", "30"]
         srv = env.start_server(init, args)
-        clients = [env.start_client(i + 1, ["--update", ups[i], "--examples", str(EXAMPLES[i]),
+        # Each round takes at least 30 ms (the --exec trainer sleeps), so the kills
+        # below land mid-run; --exec also covers the external-trainer path.
+        slow = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_update.sh")
+        clients = [env.start_client(i + 1, ["--exec", "sh %s 0.03 %s" % (slow, ups[i]),
+                                            "--examples", str(EXAMPLES[i]),
                                             "--retry-ms", "20:200"]) for i in range(3)]
         kills = 0
         before = []

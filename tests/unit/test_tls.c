@@ -120,7 +120,7 @@ static SSL_CTX *server(int require)
     snprintf(ca, sizeof ca, "%s/ca.pem", dir);
     snprintf(cert, sizeof cert, "%s/server.pem", dir);
     snprintf(key, sizeof key, "%s/server.key", dir);
-    SSL_CTX *s = tls_server_ctx(ca, cert, key, require);
+    SSL_CTX *s = tls_server_ctx(ca, cert, key, NULL, require);
     assert_non_null(s);
     return s;
 }
@@ -191,8 +191,8 @@ static void test_bad_server_files(void **state)
     snprintf(key, sizeof key, "%s/client-1.key", dir);
     char cert[128];
     snprintf(cert, sizeof cert, "%s/server.pem", dir);
-    assert_null(tls_server_ctx(ca, cert, key, 1)); /* key does not match cert */
-    assert_null(tls_server_ctx("/nonexistent/ca.pem", cert, key, 1));
+    assert_null(tls_server_ctx(ca, cert, key, NULL, 1)); /* key does not match cert */
+    assert_null(tls_server_ctx("/nonexistent/ca.pem", cert, key, NULL, 1));
 }
 
 int main(void)
