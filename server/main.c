@@ -3,6 +3,7 @@
  * signals and the libuv loop; orderly shutdown. Loop thread only.
  */
 #include <cblas.h>
+#include <dirent.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -307,6 +308,26 @@ static int parse_args(struct config *c, int argc, char **argv)
     return 0;
 }
 
+/* A crash between writing a checkpoint and renaming it leaves NAME.tmp behind;
+ * such a round was never committed and is redone, so the file is garbage. */
+static void remove_stale_tmp(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        if (n > 4 && strcmp(e->d_name + n - 4, ".tmp") == 0) {
+            char p[2048];
+            snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+            if (unlink(p) == 0)
+                coh_info("main", "removed %s left by an interrupted checkpoint write", p);
+        }
+    }
+    closedir(d);
+}
+
 static int make_dir(const char *path)
 {
     if (mkdir(path, 0750) < 0 && errno != EEXIST) {
@@ -572,6 +593,7 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/checkpoints", s->cfg.state_dir);
     if (make_dir(path) < 0)
         goto out;
+    remove_stale_tmp(path);
     snprintf(path, sizeof path, "%s/cohort.db", s->cfg.state_dir);
     if (pstore_open(&s->store, path, err, sizeof err) < 0) {
         coh_err("main", "participation store: %s", err);
