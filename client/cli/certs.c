@@ -1,5 +1,6 @@
 /*
- * `cohort certs`: CA, server, client and peer certificates for cohort's mutual TLS.
+ * `cohort certs`: CA, server, client and peer certificates for cohort's mutual TLS, and
+ * certificate revocation lists signed by an existing CA.
  *
  * Keys are EC P-256 in unencrypted PKCS#8 PEM, signatures SHA-256. Every file is
  * written under a temporary name in the output directory, fsynced and renamed into
@@ -14,6 +15,7 @@
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,8 +50,11 @@
 
 static const char usage_text[] =
     "usage: cohort certs --out DIR [options]\n"
+    "       cohort certs --out DIR --ca-cert CA.pem --ca-key CA.key --crl NAME.pem\n"
+    "                    [--revoke CERT.pem]... [--days D]\n"
     "\n"
-    "Generates a CA and TLS certificates (EC P-256 keys, SHA-256 signatures) for cohort.\n"
+    "Generates a CA and TLS certificates (EC P-256 keys, SHA-256 signatures) for cohort,\n"
+    "or a certificate revocation list (CRL) signed by an existing CA.\n"
     "\n"
     "  --out DIR          directory to write into (created if missing)\n"
     "  --clients N        client certificates client-1 .. client-N (0..100000, default 0)\n"
@@ -61,6 +66,11 @@ static const char usage_text[] =
     "  --ca-key CA.key    with --clients or --peers no server certificate is written\n"
     "  --name-prefix P    name client certificates P1 .. PN instead of client-1 .. client-N\n"
     "  --expired          make leaf certificates that have already expired (for tests)\n"
+    "  --crl NAME.pem     write a CRL signed by the --ca-cert CA to DIR/NAME.pem (to the\n"
+    "                     path as given if it contains a '/'), valid for --days days;\n"
+    "                     without --clients or --peers only the CRL is written\n"
+    "  --revoke CERT.pem  list this certificate, issued by that CA, as revoked in the CRL\n"
+    "                     (repeatable; without any, the CRL is empty)\n"
     "  --help             show this help\n";
 
 enum role { ROLE_CA, ROLE_SERVER, ROLE_CLIENT, ROLE_PEER };
@@ -77,6 +87,9 @@ struct opts {
     const char *ca_key;
     const char *prefix;
     bool expired;
+    const char *crl;                /* --crl as given */
+    const char **revoke;            /* points into argv */
+    size_t nrevoke;
 };
 
 struct outdir {
@@ -138,14 +151,17 @@ static int usage_error(const char *fmt, ...)
 /* "DIR/NAME" in fresh memory, or NULL (reported) when out of memory. */
 static char *join_path(const char *dir, const char *prefix, const char *name, const char *suffix)
 {
-    size_t len = strlen(dir) + strlen(prefix) + strlen(name) + strlen(suffix) + 2;
+    size_t dlen = strlen(dir);
+    /* DIR is "/" (the only form that keeps a trailing slash) for a CRL such as /crl.pem. */
+    const char *sep = dlen > 0 && dir[dlen - 1] == '/' ? "" : "/";
+    size_t len = dlen + strlen(prefix) + strlen(name) + strlen(suffix) + 2;
     char *path = malloc(len);
 
     if (path == NULL) {
         report("out of memory");
         return NULL;
     }
-    snprintf(path, len, "%s/%s%s%s", dir, prefix, name, suffix);
+    snprintf(path, len, "%s%s%s%s%s", dir, sep, prefix, name, suffix);
     return path;
 }
 
@@ -234,7 +250,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 {
     static const char *const with_value[] = {
         "--out", "--clients", "--peers", "--host", "--days", "--ca-cert", "--ca-key",
-        "--name-prefix",
+        "--name-prefix", "--crl", "--revoke",
     };
 
     for (int i = 1; i < argc; i++) {
@@ -309,6 +325,16 @@ static int parse_args(int argc, char **argv, struct opts *o)
             if (o->ca_key != NULL)
                 return usage_error("--ca-key given more than once");
             o->ca_key = val;
+        } else if (strcmp(name, "--crl") == 0) {
+            const char *slash = strrchr(val, '/');
+            const char *base = slash != NULL ? slash + 1 : val;
+            if (o->crl != NULL)
+                return usage_error("--crl given more than once");
+            if (*base == '\0' || strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
+                return usage_error("--crl '%s' must name a file", val);
+            o->crl = val;
+        } else if (strcmp(name, "--revoke") == 0) {
+            o->revoke[o->nrevoke++] = val;
         } else {
             if (o->prefix != NULL)
                 return usage_error("--name-prefix given more than once");
@@ -323,6 +349,23 @@ static int parse_args(int argc, char **argv, struct opts *o)
         return usage_error("--out DIR is required");
     if ((o->ca_cert == NULL) != (o->ca_key == NULL))
         return usage_error("--ca-cert and --ca-key must be given together");
+    if (o->nrevoke > 0 && o->crl == NULL)
+        return usage_error("--revoke needs --crl");
+    if (o->crl != NULL && o->ca_cert == NULL)
+        return usage_error("--crl needs --ca-cert and --ca-key: a CRL must be signed by the "
+                           "existing CA");
+    /* With --crl alone no certificate is issued, so options that only shape certificates
+     * would silently do nothing. */
+    if (o->crl != NULL && !o->clients_set && !o->peers_set) {
+        if (o->nhosts > 0)
+            return usage_error("--host has no effect with --crl unless --peers is given");
+        if (o->prefix != NULL)
+            return usage_error("--name-prefix has no effect with --crl unless --clients is "
+                               "given");
+        if (o->expired)
+            return usage_error("--expired has no effect with --crl unless --clients or "
+                               "--peers is given");
+    }
     return 0;
 }
 
@@ -628,6 +671,24 @@ static int add_san(X509 *cert, const struct opts *o)
     return ok ? 0 : -1;
 }
 
+/* SHA-256, except for EdDSA keys (possible in a CA brought with --ca-cert), which sign
+ * without a separate digest. */
+static const EVP_MD *sign_digest(const EVP_PKEY *key)
+{
+    int id = EVP_PKEY_get_base_id(key);
+
+    return id == EVP_PKEY_ED25519 || id == EVP_PKEY_ED448 ? NULL : EVP_sha256();
+}
+
+/* The authorityKeyIdentifier value for something issued by issuer: it comes from the
+ * issuer's subjectKeyIdentifier; a CA brought with --ca-cert may lack one, and then issuer
+ * name + serial identify it instead. */
+static const char *akid_value(X509 *issuer)
+{
+    return issuer == NULL || X509_get_ext_by_NID(issuer, NID_subject_key_identifier, -1) >= 0
+           ? "keyid:always" : "issuer:always";
+}
+
 static int add_extensions(X509 *cert, enum role role, X509 *issuer, const struct opts *o)
 {
     static const char *const eku[] = {
@@ -636,11 +697,7 @@ static int add_extensions(X509 *cert, enum role role, X509 *issuer, const struct
         [ROLE_PEER] = "serverAuth,clientAuth",
     };
     X509V3_CTX ctx;
-    /* authorityKeyIdentifier comes from the issuer's subjectKeyIdentifier; a CA brought
-     * with --ca-cert may lack one, and then issuer name + serial identify it instead. */
-    const char *akid = issuer == NULL ||
-                       X509_get_ext_by_NID(issuer, NID_subject_key_identifier, -1) >= 0
-                       ? "keyid:always" : "issuer:always";
+    const char *akid = akid_value(issuer);
 
     /* A self-signed certificate is its own issuer; the subjectKeyIdentifier must be added
      * before the authorityKeyIdentifier, which is derived from it. */
@@ -670,10 +727,7 @@ static X509 *build_cert(EVP_PKEY *key, const char *cn, enum role role, X509 *iss
 {
     X509 *cert = X509_new();
     EVP_PKEY *sign_key = issuer != NULL ? issuer_key : key;
-    int sign_id = EVP_PKEY_get_base_id(sign_key);
-    /* EdDSA keys (possible in a CA brought with --ca-cert) sign without a separate digest. */
-    const EVP_MD *md = sign_id == EVP_PKEY_ED25519 || sign_id == EVP_PKEY_ED448
-                       ? NULL : EVP_sha256();
+    const EVP_MD *md = sign_digest(sign_key);
 
     if (cert == NULL || !X509_set_version(cert, X509_VERSION_3)) {
         report_ssl("cannot create a certificate");
@@ -798,10 +852,18 @@ static int load_ca(const struct opts *o, X509 **cert_out, EVP_PKEY **key_out)
         report("CA certificate %s has expired", o->ca_cert);
         goto out;
     }
+    /* A CRL is signed with the CA key, so a CA that may not sign CRLs makes one that every
+     * verifier rejects. X509_get_key_usage() allows everything without a keyUsage. */
+    if (o->crl != NULL && (X509_get_key_usage(cert) & KU_CRL_SIGN) == 0) {
+        report("CA certificate %s may not sign CRLs (its keyUsage lacks cRLSign)", o->ca_cert);
+        goto out;
+    }
     /* Not fatal: the CA may be about to be rotated anyway, but the leaf certificates will
-     * stop verifying when the CA expires, whatever their own dates say. */
+     * stop verifying when the CA expires, whatever their own dates say. (A CRL outliving
+     * its CA does no harm, and with --crl no server certificate is issued.) */
     until = time(NULL) + (time_t)o->days * DAY_SECS;
-    if (!o->expired && X509_cmp_time(X509_get0_notAfter(cert), &until) < 0)
+    if (!o->expired && (o->crl == NULL || o->clients > 0 || o->peers > 0) &&
+        X509_cmp_time(X509_get0_notAfter(cert), &until) < 0)
         fprintf(stderr, "cohort certs: warning: CA certificate %s expires before the new "
                 "certificates do (--days %lu)\n", o->ca_cert, o->days);
     *cert_out = cert;
@@ -816,10 +878,247 @@ out:
     return rc;
 }
 
+/* Reads the --revoke certificates into *out. Each must have been issued by the CA: its
+ * issuer name must be the CA's subject and its signature must verify with the CA key, so
+ * a CRL never lists a serial of another CA's certificate (which could match an unrelated
+ * certificate of this CA). The same serial given twice is listed once. */
+static int load_revoked(const struct opts *o, X509 *ca, EVP_PKEY *ca_key, STACK_OF(X509) **out)
+{
+    STACK_OF(X509) *certs = sk_X509_new_null();
+    X509 *cert = NULL;
+    BIO *bio = NULL;
+    int rc = -1;
+
+    if (certs == NULL) {
+        report("out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < o->nrevoke; i++) {
+        const char *path = o->revoke[i];
+        bool dup = false;
+
+        bio = BIO_new_file(path, "r");
+        if (bio == NULL || (cert = PEM_read_bio_X509(bio, NULL, NULL, NULL)) == NULL) {
+            char what[512];
+            snprintf(what, sizeof what, "cannot read certificate %s to revoke", path);
+            report_ssl(what);
+            goto out;
+        }
+        BIO_free(bio);
+        bio = NULL;
+        if (X509_cmp(cert, ca) == 0) {
+            report("cannot revoke %s: it is the CA certificate %s itself", path, o->ca_cert);
+            goto out;
+        }
+        if (X509_NAME_cmp(X509_get_issuer_name(cert), X509_get_subject_name(ca)) != 0) {
+            char issuer[256];
+            X509_NAME_oneline(X509_get_issuer_name(cert), issuer, sizeof issuer);
+            report("cannot revoke %s: it was issued by %s, not by CA %s", path, issuer,
+                   o->ca_cert);
+            goto out;
+        }
+        if (X509_verify(cert, ca_key) != 1) {
+            ERR_clear_error();
+            report("cannot revoke %s: its signature does not verify with CA key %s (it was "
+                   "issued by another CA of the same name)", path, o->ca_key);
+            goto out;
+        }
+        for (int j = 0; j < sk_X509_num(certs) && !dup; j++)
+            dup = ASN1_INTEGER_cmp(X509_get0_serialNumber(sk_X509_value(certs, j)),
+                                   X509_get0_serialNumber(cert)) == 0;
+        if (dup) {
+            X509_free(cert);
+        } else if (sk_X509_push(certs, cert) <= 0) {
+            report("out of memory");
+            goto out;
+        }
+        cert = NULL;
+    }
+    *out = certs;
+    certs = NULL;
+    rc = 0;
+out:
+    BIO_free(bio);
+    X509_free(cert);
+    sk_X509_pop_free(certs, X509_free);
+    return rc;
+}
+
+/* A v2 CRL from ca listing the serials of revoked, valid from a little before now (as
+ * certificates are) until now + --days. */
+static X509_CRL *build_crl(X509 *ca, EVP_PKEY *ca_key, STACK_OF(X509) *revoked,
+                           const struct opts *o)
+{
+    X509_CRL *crl = X509_CRL_new();
+    ASN1_TIME *last = X509_gmtime_adj(NULL, -BACKDATE_SECS);
+    ASN1_TIME *next = X509_time_adj_ex(NULL, (int)o->days, 0, NULL);
+    ASN1_TIME *now = X509_gmtime_adj(NULL, 0);
+    ASN1_INTEGER *number = ASN1_INTEGER_new();
+    X509_EXTENSION *akid = NULL;
+    X509V3_CTX ctx;
+    struct timespec ts;
+    bool ok = false;
+
+    if (crl == NULL || last == NULL || next == NULL || now == NULL || number == NULL ||
+        !X509_CRL_set_version(crl, X509_CRL_VERSION_2) ||
+        !X509_CRL_set_issuer_name(crl, X509_get_subject_name(ca)) ||
+        !X509_CRL_set1_lastUpdate(crl, last) || !X509_CRL_set1_nextUpdate(crl, next)) {
+        report_ssl("cannot create a CRL");
+        goto out;
+    }
+    for (int i = 0; i < sk_X509_num(revoked); i++) {
+        X509_REVOKED *rev = X509_REVOKED_new();
+        if (rev == NULL ||
+            !X509_REVOKED_set_serialNumber(rev, X509_get_serialNumber(sk_X509_value(revoked, i))) ||
+            !X509_REVOKED_set_revocationDate(rev, now) || !X509_CRL_add0_revoked(crl, rev)) {
+            X509_REVOKED_free(rev);
+            report_ssl("cannot add a revoked certificate to the CRL");
+            goto out;
+        }
+    }
+    /* RFC 5280 wants CRL numbers to increase with each CRL a CA issues; without a database
+     * the time in microseconds does that for CRLs made on one host with a sane clock. */
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (!ASN1_INTEGER_set_uint64(number, (uint64_t)ts.tv_sec * 1000000u +
+                                         (uint64_t)ts.tv_nsec / 1000u) ||
+        X509_CRL_add1_ext_i2d(crl, NID_crl_number, number, 0, 0) != 1) {
+        report_ssl("cannot add the CRL number extension");
+        goto out;
+    }
+    X509V3_set_ctx(&ctx, ca, NULL, NULL, crl, 0);
+    akid = X509V3_EXT_nconf_nid(NULL, &ctx, NID_authority_key_identifier, akid_value(ca));
+    if (akid == NULL || !X509_CRL_add_ext(crl, akid, -1)) {
+        report_ssl("cannot add the authorityKeyIdentifier extension to the CRL");
+        goto out;
+    }
+    if (!X509_CRL_sort(crl) || X509_CRL_sign(crl, ca_key, sign_digest(ca_key)) <= 0) {
+        report_ssl("cannot sign the CRL");
+        goto out;
+    }
+    ok = true;
+out:
+    X509_EXTENSION_free(akid);
+    ASN1_INTEGER_free(number);
+    ASN1_TIME_free(now);
+    ASN1_TIME_free(next);
+    ASN1_TIME_free(last);
+    if (!ok) {
+        X509_CRL_free(crl);
+        crl = NULL;
+    }
+    return crl;
+}
+
+static int write_crl(struct outdir *od, const char *name, X509_CRL *crl)
+{
+    BIO *bio = BIO_new(BIO_s_mem());
+    int rc = -1;
+
+    if (bio == NULL || !PEM_write_bio_X509_CRL(bio, crl))
+        report_ssl("cannot encode the CRL");
+    else
+        rc = write_file(od, name, bio, 0644);
+    BIO_free(bio);
+    return rc;
+}
+
+/* Whether s[0..len) is prefix followed by a number 1..count without leading zeros. */
+static bool is_numbered(const char *s, size_t len, const char *prefix, unsigned long count)
+{
+    size_t plen = strlen(prefix);
+    unsigned long v = 0;
+
+    if (len <= plen || strncmp(s, prefix, plen) != 0 || s[plen] == '0')
+        return false;
+    for (size_t i = plen; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        v = v * 10 + (unsigned long)(s[i] - '0');
+        if (v > count)
+            return false;
+    }
+    return v >= 1;
+}
+
+static bool same_file(const struct stat *a, const struct stat *b)
+{
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
+}
+
+/* Works out where --crl goes: DIR (od) for a bare name, otherwise the directory part of
+ * the path as given, which must exist. Refuses a target that would replace one of the
+ * run's inputs (the CA, a certificate to revoke) or a key or certificate it issues. */
+static int prepare_crl_target(const struct opts *o, struct outdir *od, struct outdir *crl_od,
+                              struct outdir **dir_out, const char **name_out, char **path_out)
+{
+    const char *slash = strrchr(o->crl, '/');
+    const char *name = slash != NULL ? slash + 1 : o->crl;
+    struct outdir *dir = od;
+    struct stat dst, st;
+    size_t len = strlen(name);
+
+    if (slash != NULL) {
+        size_t dlen = slash == o->crl ? 1 : (size_t)(slash - o->crl);
+        crl_od->path = strndup(o->crl, dlen);
+        if (crl_od->path == NULL) {
+            report("out of memory");
+            return -1;
+        }
+        while (dlen > 1 && crl_od->path[dlen - 1] == '/')
+            crl_od->path[--dlen] = '\0';
+        dir = crl_od;
+    }
+    *path_out = join_path(dir->path, "", name, "");
+    if (*path_out == NULL)
+        return -1;
+    if (stat(dir->path, &dst) != 0) {
+        report("cannot write the CRL into %s: %s", dir->path, strerror(errno));
+        return -1;
+    }
+    if (!S_ISDIR(dst.st_mode)) {
+        report("cannot write the CRL into %s: not a directory", dir->path);
+        return -1;
+    }
+    if (stat(*path_out, &st) == 0) {
+        struct stat ist;
+        if (S_ISDIR(st.st_mode)) {
+            report("cannot write the CRL to %s: it is a directory", *path_out);
+            return -1;
+        }
+        for (size_t i = 0; i < o->nrevoke + 2; i++) {
+            const char *input = i == 0 ? o->ca_cert : i == 1 ? o->ca_key : o->revoke[i - 2];
+            if (stat(input, &ist) == 0 && same_file(&st, &ist)) {
+                report("refusing to write the CRL to %s: that is %s, an input of this run",
+                       *path_out, input);
+                return -1;
+            }
+        }
+    }
+    if (dir != od && stat(od->path, &st) == 0 && same_file(&st, &dst))
+        dir = od;
+    if (dir == od && len > 4 &&
+        (strcmp(name + len - 4, ".pem") == 0 || strcmp(name + len - 4, ".key") == 0) &&
+        (is_numbered(name, len - 4, o->prefix != NULL ? o->prefix : "client-", o->clients) ||
+         is_numbered(name, len - 4, "peer-", o->peers))) {
+        report("refusing to write the CRL to %s: this run writes a certificate or key there",
+               *path_out);
+        return -1;
+    }
+    *dir_out = slash != NULL ? crl_od : od;
+    *name_out = name;
+    return 0;
+}
+
 int certs_main(int argc, char **argv)
 {
     struct opts o = { .days = DEFAULT_DAYS };
     struct outdir od = { 0 };
+    struct outdir crl_od = { 0 };   /* used when --crl names a path with a '/' */
+    struct outdir *crl_dir = &od;
+    const char *crl_name = NULL;
+    char *crl_path = NULL;
+    STACK_OF(X509) *revoked = NULL;
+    X509_CRL *crl = NULL;
     X509 *ca = NULL;
     EVP_PKEY *ca_key = NULL;
     char base[MAX_PREFIX + 32];
@@ -827,13 +1126,17 @@ int certs_main(int argc, char **argv)
     int rc = 1;
 
     o.hosts = calloc(argc > 0 ? (size_t)argc : 1, sizeof *o.hosts);
-    if (o.hosts == NULL) {
+    o.revoke = calloc(argc > 0 ? (size_t)argc : 1, sizeof *o.revoke);
+    if (o.hosts == NULL || o.revoke == NULL) {
         report("out of memory");
+        free(o.hosts);
+        free(o.revoke);
         return 1;
     }
     int prc = parse_args(argc, argv, &o);
     if (prc != 0) {
         free(o.hosts);
+        free(o.revoke);
         return prc == PARSE_HELP ? 0 : 2;
     }
     /* Errors queued earlier by the caller would otherwise be reported as ours. */
@@ -842,13 +1145,18 @@ int certs_main(int argc, char **argv)
     /* A CA that cannot be used should fail the run before DIR is created. */
     if (o.ca_cert != NULL && load_ca(&o, &ca, &ca_key) != 0)
         goto out;
+    if (o.crl != NULL && load_revoked(&o, ca, ca_key, &revoked) != 0)
+        goto out;
     if (prepare_outdir(&od, o.out) != 0)
+        goto out;
+    if (o.crl != NULL &&
+        prepare_crl_target(&o, &od, &crl_od, &crl_dir, &crl_name, &crl_path) != 0)
         goto out;
     if (o.ca_cert == NULL && make_ca(&od, &o, &ca, &ca_key) != 0)
         goto out;
-    /* Adding clients or peers to an existing CA must not replace the server certificate
-     * that is already deployed. */
-    server = !(o.ca_cert != NULL && (o.clients_set || o.peers_set));
+    /* Adding clients or peers to an existing CA, or making a CRL, must not replace the
+     * server certificate that is already deployed. */
+    server = !(o.ca_cert != NULL && (o.clients_set || o.peers_set || o.crl != NULL));
     if (server && issue(&od, &o, "server", "cohortd", ROLE_SERVER, ca, ca_key, NULL, NULL) != 0)
         goto out;
     for (unsigned long i = 1; i <= o.clients; i++) {
@@ -864,20 +1172,33 @@ int certs_main(int argc, char **argv)
         if (issue(&od, &o, base, base, ROLE_PEER, ca, ca_key, NULL, NULL) != 0)
             goto out;
     }
-    if (sync_dir(&od) != 0)
+    if (o.crl != NULL) {
+        crl = build_crl(ca, ca_key, revoked, &o);
+        if (crl == NULL || write_crl(crl_dir, crl_name, crl) != 0)
+            goto out;
+    }
+    if (sync_dir(&od) != 0 || (crl_dir != &od && sync_dir(crl_dir) != 0))
         goto out;
-    printf("done: %lu files in %s (CA: %s, server: %s, clients: %lu, peers: %lu%s)\n",
-           od.nwritten, od.path, o.ca_cert != NULL ? o.ca_cert : "new", server ? "yes" : "no",
-           o.clients, o.peers, o.expired ? ", leaf certificates already expired" : "");
+    printf("done: %lu files in %s (CA: %s, server: %s, clients: %lu, peers: %lu",
+           od.nwritten + crl_od.nwritten, od.path, o.ca_cert != NULL ? o.ca_cert : "new",
+           server ? "yes" : "no", o.clients, o.peers);
+    if (o.crl != NULL)
+        printf(", CRL: %s revoking %d", crl_path, sk_X509_num(revoked));
+    printf("%s)\n", o.expired ? ", leaf certificates already expired" : "");
     if (fflush(stdout) != 0) {
         report("cannot write to standard output: %s", strerror(errno));
         goto out;
     }
     rc = 0;
 out:
+    X509_CRL_free(crl);
+    sk_X509_pop_free(revoked, X509_free);
     X509_free(ca);
     EVP_PKEY_free(ca_key);
+    free(crl_path);
+    free(crl_od.path);
     free(od.path);
+    free(o.revoke);
     free(o.hosts);
     return rc;
 }
