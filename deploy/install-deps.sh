@@ -8,7 +8,7 @@ pkgs=(
   build-essential pkg-config meson ninja-build
   libuv1-dev libprotobuf-c-dev protobuf-c-compiler libssl-dev openssl
   libopenblas-dev libsqlite3-dev sqlite3 libcmocka-dev zlib1g-dev libcjson-dev
-  dataset-fashion-mnist
+  dataset-fashion-mnist python3 valgrind gnuplot-nox
 )
 
 missing=()

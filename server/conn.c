@@ -392,7 +392,7 @@ static void process(struct conn *c)
     while (c->state != CONN_CLOSING && !c->paused) {
         const uint8_t *f;
         size_t len;
-        int r;
+        int r = 0;
         while (c->state != CONN_CLOSING && !c->paused &&
                (r = coh_frame_next(&c->rx, &f, &len)) == 1)
             dispatch_frame(c, f, len);

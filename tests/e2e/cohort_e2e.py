@@ -73,7 +73,8 @@ class Env:
         return os.path.join(self.certs, "client-%d.pem" % i), os.path.join(self.certs, "client-%d.key" % i)
 
     def start_server(self, model=None, extra=(), log="cohortd.log"):
-        args = [self.cohortd, "--listen", "127.0.0.1:%d" % self.port, "--state-dir", self.state,
+        wrap = os.environ.get("COHORT_SERVER_WRAP", "").split()
+        args = wrap + [self.cohortd, "--listen", "127.0.0.1:%d" % self.port, "--state-dir", self.state,
                 "--ca", os.path.join(self.certs, "ca.pem"),
                 "--cert", os.path.join(self.certs, "server.pem"),
                 "--key", os.path.join(self.certs, "server.key"), "--log-level", "info"]
@@ -83,7 +84,7 @@ class Env:
         logf = open(os.path.join(self.dir, log), "a")
         p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
         self.procs.append(p)
-        wait_port(self.port, p)
+        wait_port(self.port, p, timeout=60 if wrap else 15)
         return p
 
     def start_client(self, i, extra, ca=None, cert=None, key=None, log=None):
