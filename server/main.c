@@ -21,6 +21,7 @@
 #include "cohort_err.h"
 #include "conn.h"
 #include "log.h"
+#include "options.h"
 #include "pstore.h"
 #include "round.h"
 #include "safetensors.h"
@@ -35,277 +36,16 @@ static uv_timer_t exit_timer;
 void config_defaults(struct config *c)
 {
     memset(c, 0, sizeof *c);
-    c->listen = strdup("127.0.0.1:7443");
-    c->state_dir = NULL;
-    c->require_client_cert = 1;
-    c->rounds = 0;
-    c->min_clients = 1;
-    c->round_timeout_s = 60;
-    c->strategy = strdup("fedavg");
-    c->weighting = strdup("examples");
-    c->server_lr = 1.0;
-    c->durable = 1;
-    c->max_frame_bytes = COH_FRAME_DEFAULT_MAX;
-    c->max_model_bytes = 1ull << 30;
-    c->max_connections = 10000;
-    c->max_uploads = 4;
-    c->handshake_timeout_ms = 10000;
-    c->upload_timeout_ms = 300000;
-    c->frame_timeout_ms = 30000;
-    c->max_tensors = 65536;
-    c->idle_timeout_ms = 120000;
-    c->heartbeat_ms = 15000;
-    c->chunk_bytes = COH_CHUNK_DEFAULT;
-    c->log_level = COH_LOG_NOTICE;
+    options_defaults(c);
 }
 
 void config_fini(struct config *c)
 {
-    free(c->listen);
-    free(c->state_dir);
-    free(c->model_path);
-    free(c->ca);
-    free(c->cert);
-    free(c->key);
-    free(c->strategy);
-    free(c->weighting);
-    free(c->crl);
-    free(c->allow_clients);
+    for (size_t i = 0; i < noptions; i++)
+        if (options[i].type == OPT_STR || options[i].type == OPT_ENUM)
+            free(*(char **)((char *)c + options[i].offset));
+    free(c->config_file);
     memset(c, 0, sizeof *c);
-}
-
-static void usage(FILE *f)
-{
-    fprintf(f,
-            "usage: cohortd --state-dir DIR --ca CA.pem --cert SERVER.pem --key SERVER.key\n"
-            "               [--model INIT.safetensors] [options]\n"
-            "\n"
-            "Federated-learning aggregation server (FedAvg over mutual TLS).\n"
-            "\n"
-            "  --listen HOST:PORT        address to listen on (default 127.0.0.1:7443)\n"
-            "  --state-dir DIR           participation store and checkpoints (required)\n"
-            "  --model FILE              initial model (safetensors, F32); ignored when DIR\n"
-            "                            already holds committed rounds\n"
-            "  --ca FILE --cert FILE --key FILE   federation CA and the server's identity\n"
-            "  --no-client-cert          accept clients without a certificate (not for production)\n"
-            "  --crl FILE                PEM certificate revocation list; revoked clients are refused\n"
-            "  --allow-clients FILE      only these client names (one per line, # comments) may join\n"
-            "  --rounds R                exit 0 after committing round R (0: run until stopped)\n"
-            "  --min-clients M           clients connected before a round opens (default 1)\n"
-            "  --round-timeout SECONDS   round deadline (default 60)\n"
-            "  --strategy NAME           %s (default fedavg)\n"
-            "  --weighting W             fedavg: examples|uniform|all (default examples)\n"
-            "  --server-lr ETA           server learning rate (default 1)\n"
-            "  --fedau-cutoff K          fedau: close an absence interval after K rounds\n"
-            "                            (default 0: unlimited)\n"
-            "  --variance-correction     rescale each weight tensor of the new model to the mean\n"
-            "                            variance of the participants' models (Tian et al. 2024)\n"
-            "  --variance-correction-bias  also correct 1-D tensors (biases)\n"
-            "  --durability full|relaxed full (default): fsync every checkpoint and commit;\n"
-            "                            relaxed: no fsync (survives a crash of cohortd, not a\n"
-            "                            power loss; for simulations)\n"
-            "  --max-frame-bytes N       largest frame accepted (default 8388608)\n"
-            "  --max-model-bytes N       largest model accepted (default 1073741824)\n"
-            "  --max-connections N       (default 10000)\n"
-            "  --max-uploads N           uploads staged at once; others wait, reads paused (default 4)\n"
-            "  --handshake-timeout-ms N  TLS handshake + Hello deadline (default 10000)\n"
-            "  --idle-timeout-ms N       close connections silent this long (default 120000)\n"
-            "  --frame-timeout-ms N      close a connection whose frame stays incomplete this long\n"
-            "                            (slow senders; default 30000)\n"
-            "  --upload-timeout-ms N     an update upload must finish within this (default 300000)\n"
-            "  --max-tensors N           largest tensor count of a model (default 65536)\n"
-            "  --heartbeat-ms N          heartbeat interval announced to clients (default 15000)\n"
-            "  --chunk-bytes N           model chunk payload (default 262144)\n"
-            "  --log-level L             err|warn|notice|info|debug (default notice)\n"
-            "  --log-format F            text|json (default text)\n"
-            "  --version, --help\n",
-            strategy_names());
-}
-
-static int parse_u64(const char *opt, const char *v, uint64_t lo, uint64_t hi, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    unsigned long long x = strtoull(v, &end, 10);
-    if (errno || end == v || *end || v[0] == '-' || x < lo || x > hi) {
-        fprintf(stderr, "cohortd: %s must be an integer between %" PRIu64 " and %" PRIu64
-                        " (got '%s')\n", opt, lo, hi, v);
-        return -1;
-    }
-    *out = x;
-    return 0;
-}
-
-static int parse_double(const char *opt, const char *v, double lo, double hi, double *out)
-{
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (errno || end == v || *end || !isfinite(x) || x < lo || x > hi) {
-        fprintf(stderr, "cohortd: %s must be a number between %g and %g (got '%s')\n", opt, lo,
-                hi, v);
-        return -1;
-    }
-    *out = x;
-    return 0;
-}
-
-static void set_str(char **dst, const char *v)
-{
-    free(*dst);
-    *dst = strdup(v);
-}
-
-enum {
-    O_LISTEN = 256, O_STATE, O_MODEL, O_CA, O_CERT, O_KEY, O_NOCC, O_ROUNDS, O_MINC, O_RTO,
-    O_STRAT, O_WEIGHT, O_SLR, O_MAXFRAME, O_MAXMODEL, O_MAXCONN, O_MAXUP, O_HSTO, O_IDLE, O_HB,
-    O_CHUNK, O_LOGLEVEL, O_LOGFMT, O_VERSION, O_HELP, O_CUTOFF, O_VC, O_VCB, O_DURA, O_CRL, O_ALLOW, O_FRAMETO, O_UPTO, O_MAXT
-};
-
-static int parse_args(struct config *c, int argc, char **argv)
-{
-    static const struct option opts[] = {
-        {"listen", 1, 0, O_LISTEN}, {"state-dir", 1, 0, O_STATE}, {"model", 1, 0, O_MODEL},
-        {"ca", 1, 0, O_CA}, {"cert", 1, 0, O_CERT}, {"key", 1, 0, O_KEY},
-        {"no-client-cert", 0, 0, O_NOCC}, {"rounds", 1, 0, O_ROUNDS},
-        {"min-clients", 1, 0, O_MINC}, {"round-timeout", 1, 0, O_RTO},
-        {"strategy", 1, 0, O_STRAT}, {"weighting", 1, 0, O_WEIGHT}, {"server-lr", 1, 0, O_SLR},
-        {"max-frame-bytes", 1, 0, O_MAXFRAME}, {"max-model-bytes", 1, 0, O_MAXMODEL},
-        {"max-connections", 1, 0, O_MAXCONN}, {"max-uploads", 1, 0, O_MAXUP},
-        {"handshake-timeout-ms", 1, 0, O_HSTO}, {"idle-timeout-ms", 1, 0, O_IDLE},
-        {"heartbeat-ms", 1, 0, O_HB}, {"chunk-bytes", 1, 0, O_CHUNK},
-        {"log-level", 1, 0, O_LOGLEVEL}, {"log-format", 1, 0, O_LOGFMT},
-        {"fedau-cutoff", 1, 0, O_CUTOFF}, {"variance-correction", 0, 0, O_VC},
-        {"variance-correction-bias", 0, 0, O_VCB}, {"durability", 1, 0, O_DURA},
-        {"crl", 1, 0, O_CRL}, {"allow-clients", 1, 0, O_ALLOW},
-        {"frame-timeout-ms", 1, 0, O_FRAMETO}, {"upload-timeout-ms", 1, 0, O_UPTO},
-        {"max-tensors", 1, 0, O_MAXT},
-        {"version", 0, 0, O_VERSION}, {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
-    int o;
-    uint64_t u;
-    while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (o) {
-        case O_LISTEN: set_str(&c->listen, optarg); break;
-        case O_STATE: set_str(&c->state_dir, optarg); break;
-        case O_MODEL: set_str(&c->model_path, optarg); break;
-        case O_CA: set_str(&c->ca, optarg); break;
-        case O_CERT: set_str(&c->cert, optarg); break;
-        case O_KEY: set_str(&c->key, optarg); break;
-        case O_NOCC: c->require_client_cert = 0; break;
-        case O_ROUNDS:
-            if (parse_u64("--rounds", optarg, 0, 100000000, &c->rounds) < 0) return 2;
-            break;
-        case O_MINC:
-            if (parse_u64("--min-clients", optarg, 1, 10000000, &u) < 0) return 2;
-            c->min_clients = (uint32_t)u;
-            break;
-        case O_RTO:
-            if (parse_double("--round-timeout", optarg, 0.01, 1e7, &c->round_timeout_s) < 0)
-                return 2;
-            break;
-        case O_STRAT: set_str(&c->strategy, optarg); break;
-        case O_WEIGHT: set_str(&c->weighting, optarg); break;
-        case O_SLR:
-            if (parse_double("--server-lr", optarg, 0, 1e6, &c->server_lr) < 0) return 2;
-            break;
-        case O_MAXFRAME:
-            if (parse_u64("--max-frame-bytes", optarg, 4096, 1u << 30, &u) < 0) return 2;
-            c->max_frame_bytes = (uint32_t)u;
-            break;
-        case O_MAXMODEL:
-            if (parse_u64("--max-model-bytes", optarg, 4, 1ull << 40, &c->max_model_bytes) < 0)
-                return 2;
-            break;
-        case O_MAXCONN:
-            if (parse_u64("--max-connections", optarg, 1, 10000000, &u) < 0) return 2;
-            c->max_connections = (uint32_t)u;
-            break;
-        case O_MAXUP:
-            if (parse_u64("--max-uploads", optarg, 1, 100000, &u) < 0) return 2;
-            c->max_uploads = (uint32_t)u;
-            break;
-        case O_HSTO:
-            if (parse_u64("--handshake-timeout-ms", optarg, 10, 3600000, &u) < 0) return 2;
-            c->handshake_timeout_ms = (uint32_t)u;
-            break;
-        case O_IDLE:
-            if (parse_u64("--idle-timeout-ms", optarg, 100, 86400000, &u) < 0) return 2;
-            c->idle_timeout_ms = (uint32_t)u;
-            break;
-        case O_HB:
-            if (parse_u64("--heartbeat-ms", optarg, 10, 3600000, &u) < 0) return 2;
-            c->heartbeat_ms = (uint32_t)u;
-            break;
-        case O_CHUNK:
-            if (parse_u64("--chunk-bytes", optarg, 1024, 64u << 20, &u) < 0) return 2;
-            c->chunk_bytes = (uint32_t)u;
-            break;
-        case O_LOGLEVEL:
-            c->log_level = coh_log_parse_level(optarg);
-            if (c->log_level < 0) {
-                fprintf(stderr, "cohortd: --log-level must be err, warn, notice, info or debug\n");
-                return 2;
-            }
-            break;
-        case O_LOGFMT:
-            if (strcmp(optarg, "json") == 0)
-                c->log_json = 1;
-            else if (strcmp(optarg, "text") == 0)
-                c->log_json = 0;
-            else {
-                fprintf(stderr, "cohortd: --log-format must be text or json\n");
-                return 2;
-            }
-            break;
-        case O_CUTOFF:
-            if (parse_u64("--fedau-cutoff", optarg, 0, 1000000000, &c->fedau_cutoff) < 0)
-                return 2;
-            break;
-        case O_VC: c->variance_correction = 1; break;
-        case O_CRL: set_str(&c->crl, optarg); break;
-        case O_ALLOW: set_str(&c->allow_clients, optarg); break;
-        case O_FRAMETO:
-            if (parse_u64("--frame-timeout-ms", optarg, 10, 86400000, &u) < 0) return 2;
-            c->frame_timeout_ms = (uint32_t)u;
-            break;
-        case O_UPTO:
-            if (parse_u64("--upload-timeout-ms", optarg, 10, 86400000, &u) < 0) return 2;
-            c->upload_timeout_ms = (uint32_t)u;
-            break;
-        case O_MAXT:
-            if (parse_u64("--max-tensors", optarg, 1, 10000000, &u) < 0) return 2;
-            c->max_tensors = (uint32_t)u;
-            break;
-        case O_VCB: c->variance_correction = 1; c->vc_include_1d = 1; break;
-        case O_DURA:
-            if (strcmp(optarg, "full") == 0)
-                c->durable = 1;
-            else if (strcmp(optarg, "relaxed") == 0)
-                c->durable = 0;
-            else {
-                fprintf(stderr, "cohortd: --durability must be full or relaxed\n");
-                return 2;
-            }
-            break;
-        case O_VERSION: printf("cohortd 0.1.0\n"); return 1;
-        case O_HELP: usage(stdout); return 1;
-        default: usage(stderr); return 2;
-        }
-    }
-    if (optind < argc) {
-        fprintf(stderr, "cohortd: unexpected argument '%s'\n", argv[optind]);
-        return 2;
-    }
-    if (!c->state_dir || !c->ca || !c->cert || !c->key) {
-        fprintf(stderr, "cohortd: --state-dir, --ca, --cert and --key are required "
-                        "(cohortd --help)\n");
-        return 2;
-    }
-    if (c->chunk_bytes + 64 > c->max_frame_bytes) {
-        fprintf(stderr, "cohortd: --chunk-bytes must be smaller than --max-frame-bytes\n");
-        return 2;
-    }
-    return 0;
 }
 
 /* A crash between writing a checkpoint and renaming it leaves NAME.tmp behind;
@@ -569,7 +309,9 @@ int main(int argc, char **argv)
     static struct server srv;
     struct server *s = &srv;
     config_defaults(&s->cfg);
-    int prc = parse_args(&s->cfg, argc, argv);
+    int prc = options_parse_argv(&s->cfg, argc, argv);
+    if (prc == 0 && options_finish(&s->cfg) < 0)
+        prc = 2;
     if (prc) {
         config_fini(&s->cfg);
         return prc == 1 ? 0 : 2;

@@ -50,6 +50,9 @@ struct config {
     uint32_t chunk_bytes;
     int log_level;
     int log_json;
+    /* Text forms of enum options; log_level, log_json and durable derive from them. */
+    char *log_level_s, *log_format_s, *durability_s;
+    char *config_file;
 };
 
 void config_defaults(struct config *c);
