@@ -231,7 +231,7 @@ void conn_close(struct conn *c, const char *fmt, ...)
         idmap_del(&s->conns_by_client, (uint64_t)c->client_id);
     if (was_ready)
         s->nready--;
-    round_conn_gone(s, c);
+    round_conn_gone(s, c, why);
     upload_release(c);
     blob_unref(c->send_blob);
     c->send_blob = NULL;
@@ -260,6 +260,16 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     buf->len = sizeof c->srv->readbuf;
 }
 
+/* A peer that goes away in the middle of a frame sent a truncated message: say so. */
+static void close_peer_gone(struct conn *c, const char *what)
+{
+    size_t pend = coh_frame_rx_pending(&c->rx);
+    if (pend)
+        conn_close(c, "%s inside a frame (%zu bytes of an incomplete frame received)", what, pend);
+    else
+        conn_close(c, "%s", what);
+}
+
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 {
     struct conn *c = st->data;
@@ -267,8 +277,8 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
         return;
     if (nread < 0) {
         if (nread == UV_EOF)
-            conn_close(c, c->state == CONN_HANDSHAKE ? "peer closed during the TLS handshake"
-                                                     : "peer closed the connection");
+            close_peer_gone(c, c->state == CONN_HANDSHAKE ? "peer closed during the TLS handshake"
+                                                          : "peer closed the connection");
         else
             conn_close(c, "read error: %s", uv_strerror((int)nread));
         return;
@@ -422,7 +432,7 @@ static void process(struct conn *c)
         if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
             break;
         if (err == SSL_ERROR_ZERO_RETURN) {
-            conn_close(c, "peer closed the TLS session");
+            close_peer_gone(c, "peer closed the TLS session");
         } else {
             char why[300];
             conn_close(c, "TLS error: %s", ssl_reason(c->ssl, why, sizeof why));

@@ -53,6 +53,7 @@ struct conn {
     struct coh_frame_rx rx;
     size_t tx_pending;          /* ciphertext bytes handed to libuv, not yet written */
     uint64_t bytes_in, bytes_out;
+    uint64_t offer_rx_mark;     /* bytes_in when the open round was offered to this conn */
 
     struct model_blob *send_blob; /* model being streamed, NULL when none */
     size_t send_idx;

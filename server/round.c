@@ -167,6 +167,8 @@ static void send_offer(struct server *s, struct conn *c)
     Cohort__Envelope e = COHORT__ENVELOPE__INIT;
     e.body_case = COHORT__ENVELOPE__BODY_ROUND_OFFER;
     e.round_offer = &o;
+    /* Whatever the client sent up to now cannot be an answer to this offer. */
+    c->offer_rx_mark = c->bytes_in;
     int rc = conn_send(c, &e);
     free(infos);
     free(ptrs);
@@ -283,7 +285,7 @@ void round_client_ready(struct server *s, struct conn *c)
         round_maybe_start(s);
 }
 
-void round_conn_gone(struct server *s, struct conn *c)
+void round_conn_gone(struct server *s, struct conn *c, const char *why)
 {
     for (size_t i = 0; i < s->nwaiters; i++) {
         if (s->slot_waiters[i] == c) {
@@ -297,8 +299,10 @@ void round_conn_gone(struct server *s, struct conn *c)
         return;
     struct part *p = find_part(s, c->client_id);
     if (p && p->conn_id == c->id && (p->status == PART_OFFERED || p->status == PART_UPLOADING)) {
-        snprintf(p->reason, sizeof p->reason, "%s",
-                 p->status == PART_UPLOADING ? "disconnected during the upload" : "disconnected");
+        /* The close reason (frame too big, slow sender, peer gone...) says why. */
+        snprintf(p->reason, sizeof p->reason, "%s: %.120s",
+                 p->status == PART_UPLOADING ? "disconnected during the upload" : "disconnected",
+                 why);
         p->status = PART_DROPPED;
         p->finished = server_now(s);
         check_close(s);
@@ -378,8 +382,11 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
         return 0;
     }
     struct part *p = find_part(s, c->client_id);
+    char label[400];
     if (!p || p->conn_id != c->id) {
         c->discard_round = b->round;
+        coh_warn("round", "%s: update for round %llu refused: the round was not offered to this "
+                 "connection", conn_label(c, label, sizeof label), (unsigned long long)b->round);
         conn_send_error(c, COHORT_EOFFER, b->round, 0,
                         "round %llu was not offered to this connection",
                         (unsigned long long)b->round);
@@ -387,8 +394,24 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
     }
     if (p->status != PART_OFFERED) {
         c->discard_round = b->round;
+        coh_warn("round", "%s: update for round %llu refused: this client already answered it",
+                 conn_label(c, label, sizeof label), (unsigned long long)b->round);
         conn_send_error(c, COHORT_EDUP, b->round, 0,
                         "this client already answered round %llu", (unsigned long long)b->round);
+        return 0;
+    }
+    if (c->bytes_in == c->offer_rx_mark) {
+        /* Every byte of this UpdateBegin had arrived before the offer was sent (e.g. Hello
+         * and an update pipelined in one write), so it was made without the round's model.
+         * The offer stands: the client may still answer it properly. */
+        c->discard_round = b->round;
+        coh_warn("round", "%s: update for round %llu refused: it was sent before the round "
+                 "offer could reach the client", conn_label(c, label, sizeof label),
+                 (unsigned long long)b->round);
+        conn_send_error(c, COHORT_EOFFER, b->round, 0,
+                        "update for round %llu was sent before the round was offered to this "
+                        "connection; wait for the RoundOffer and the model",
+                        (unsigned long long)b->round);
         return 0;
     }
     char why[160];
@@ -452,6 +475,9 @@ void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_vie
     if (!u->active) {
         if (v->round && v->round == c->discard_round)
             return; /* the rest of an upload we already refused */
+        char label[400];
+        coh_warn("round", "%s: UpdateChunk for round %llu without UpdateBegin",
+                 conn_label(c, label, sizeof label), (unsigned long long)v->round);
         conn_send_error(c, COHORT_ESTATE, v->round, 0, "UpdateChunk without UpdateBegin");
         c->discard_round = v->round;
         return;
@@ -554,6 +580,9 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     if (!u->active) {
         if (m->round && m->round == c->discard_round)
             return;
+        char label[400];
+        coh_warn("round", "%s: UpdateEnd for round %llu without UpdateBegin",
+                 conn_label(c, label, sizeof label), (unsigned long long)m->round);
         conn_send_error(c, COHORT_ESTATE, m->round, 0, "UpdateEnd without UpdateBegin");
         return;
     }

@@ -18,7 +18,7 @@ void round_fini(struct server *s);
 /* Opens the next round when enough clients are ready. */
 void round_maybe_start(struct server *s);
 void round_client_ready(struct server *s, struct conn *c);
-void round_conn_gone(struct server *s, struct conn *c);
+void round_conn_gone(struct server *s, struct conn *c, const char *why);
 /* Returns 1 when it kept e (the upload waits for a slot), 0 when the caller frees it. */
 int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e);
 void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_view *v);
