@@ -204,6 +204,21 @@ static void pump(struct conn *c)
         flush(c);
 }
 
+void conn_finish_blob(struct conn *c)
+{
+    struct model_blob *b = c->send_blob;
+    if (!b)
+        return;
+    while (c->send_idx < b->nchunks) {
+        size_t i = c->send_idx++;
+        if (ssl_write_all(c, b->frames + b->off[i], b->off[i + 1] - b->off[i]) < 0)
+            break;
+    }
+    blob_unref(b);
+    c->send_blob = NULL;
+    flush(c);
+}
+
 void conn_send_blob(struct conn *c, struct model_blob *b)
 {
     blob_unref(c->send_blob);
@@ -552,7 +567,8 @@ void conn_sweep(struct server *s)
             if ((now - c->accepted_at) * 1000.0 > s->cfg.handshake_timeout_ms)
                 conn_close(c, "no TLS handshake and Hello within %u ms",
                            s->cfg.handshake_timeout_ms);
-        } else if ((now - c->last_rx) * 1000.0 > s->cfg.idle_timeout_ms && !c->paused) {
+        } else if ((now - c->last_rx) * 1000.0 > s->cfg.idle_timeout_ms && !c->paused &&
+                   !round_awaits(s, c)) {
             conn_close(c, "idle for more than %u ms", s->cfg.idle_timeout_ms);
         } else if (c->partial_since > 0 && !c->paused &&
                    (now - c->partial_since) * 1000.0 > s->cfg.frame_timeout_ms) {

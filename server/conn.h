@@ -53,7 +53,8 @@ struct conn {
     struct coh_frame_rx rx;
     size_t tx_pending;          /* ciphertext bytes handed to libuv, not yet written */
     uint64_t bytes_in, bytes_out;
-    uint64_t offer_rx_mark;     /* bytes_in when the open round was offered to this conn */
+    uint64_t offer_rx_mark;
+    uint64_t offered_round;     /* last round offered on this connection */     /* bytes_in when the open round was offered to this conn */
 
     struct model_blob *send_blob; /* model being streamed, NULL when none */
     size_t send_idx;
@@ -73,6 +74,9 @@ void conn_send_error(struct conn *c, int code, uint64_t round, int fatal, const 
     __attribute__((format(printf, 5, 6)));
 /* Starts streaming the chunk frames of b after whatever was sent before. */
 void conn_send_blob(struct conn *c, struct model_blob *b);
+/* Writes whatever is left of the model being streamed (rare: a new offer while
+ * an old model is still downloading). */
+void conn_finish_blob(struct conn *c);
 /* Closes after flushing what is queued (bounded by a grace period). */
 void conn_close(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Stops/starts reading (upload back-pressure). */

@@ -40,6 +40,7 @@ static void on_hello(struct conn *c, const Cohort__Hello *h)
      * reconnects usually does so because its old link is dead. */
     struct conn *old = idmap_get(&s->conns_by_client, (uint64_t)id);
     if (old && old != c) {
+        round_handover(s, old, c);
         conn_send_error(old, COHORT_ECLOSED, 0, 1,
                         "replaced by a newer connection with the same identity");
         conn_close(old, "replaced by conn %llu with the same identity", (unsigned long long)c->id);

@@ -91,6 +91,17 @@ static int load_state(struct server *s)
     if (last.found) {
         uint8_t sha[32];
         char hex[65];
+        /* Stored relative to the state directory (older rows may be absolute), so
+         * the directory can move and cohortd can start from any working directory. */
+        if (last.checkpoint[0] != '/') {
+            char full[sizeof last.checkpoint + 1100];
+            int n = snprintf(full, sizeof full, "%s/%s", s->cfg.state_dir, last.checkpoint);
+            if (n < 0 || (size_t)n >= sizeof last.checkpoint) {
+                coh_err("main", "--state-dir path is too long");
+                return -1;
+            }
+            memcpy(last.checkpoint, full, (size_t)n + 1);
+        }
         if (coh_sha256_file(last.checkpoint, sha) < 0) {
             coh_err("main", "checkpoint of round %llu (%s) is missing; the state directory is "
                     "damaged", (unsigned long long)last.round, last.checkpoint);
@@ -138,7 +149,8 @@ static int load_state(struct server *s)
     server_iso_now(now, sizeof now);
     struct pstore_round pr = {.round = 0, .strategy = s->cfg.strategy, .started_at = now,
                               .closed_at = now, .mean_train_loss = NAN,
-                              .close_reason = "initial model", .checkpoint = path,
+                              .close_reason = "initial model",
+                              .checkpoint = "checkpoints/round-000000.safetensors",
                               .sha256 = hex};
     if (pstore_commit_round(s->store, &pr, NULL, 0, NULL, NULL) < 0)
         return -1;
@@ -284,8 +296,8 @@ static void on_signal(uv_signal_t *h, int signum)
 {
     struct server *s = h->data;
     if (s->stopping) {
-        coh_warn("main", "second signal: exiting now");
-        exit(s->exit_code);
+        coh_warn("main", "second signal: exiting now without a clean shutdown");
+        exit(1);
     }
     server_shutdown(s, 0, signum == SIGINT ? "SIGINT" : "SIGTERM");
 }

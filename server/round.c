@@ -57,6 +57,7 @@ struct finalize_job {
     int durable;
     uint32_t chunk_bytes;
     char path[1100];
+    char relpath[64];           /* as stored: relative to the state directory */
     uint8_t sha[32];
     struct model_blob *blob;
     int rc;
@@ -169,6 +170,10 @@ static void send_offer(struct server *s, struct conn *c)
     e.round_offer = &o;
     /* Whatever the client sent up to now cannot be an answer to this offer. */
     c->offer_rx_mark = c->bytes_in;
+    c->offered_round = s->cur.id;
+    /* A client still downloading an earlier round's model must get it whole
+     * before the new offer starts, or its stream would be cut mid-model. */
+    conn_finish_blob(c);
     int rc = conn_send(c, &e);
     free(infos);
     free(ptrs);
@@ -201,8 +206,11 @@ static void offer(struct server *s, struct conn *c)
 {
     struct part *p = find_part(s, c->client_id);
     if (p) {
-        /* A client that dropped and came back may still answer the round. */
-        if (p->status != PART_DROPPED)
+        /* A client that dropped and came back may still answer the round; one
+         * whose offer was handed over from a replaced connection gets it here. */
+        int handed_over = p->status == PART_OFFERED && p->conn_id == c->id &&
+                          c->offered_round != s->cur.id;
+        if (p->status != PART_DROPPED && !handed_over)
             return;
         p->status = PART_OFFERED;
         p->conn_id = c->id;
@@ -230,11 +238,15 @@ static void on_deadline(uv_timer_t *t)
             if (c && c->up.active && c->up.round == s->cur.id) {
                 c->discard_round = s->cur.id;
                 upload_release(c);
+                conn_send_error(c, COHORT_EROUND, s->cur.id, 0,
+                                "round %llu closed at its deadline before your upload finished",
+                                (unsigned long long)s->cur.id);
             }
         }
     }
     s->cur.close_reason = "deadline";
     s->cur.phase = PHASE_CLOSING;
+    server_iso_now(s->cur.closed_iso, sizeof s->cur.closed_iso);
     coh_notice("round", "round %llu: deadline of %.0f s reached",
                (unsigned long long)s->cur.id, s->cfg.round_timeout_s);
     check_close(s);
@@ -264,8 +276,14 @@ void round_maybe_start(struct server *s)
         r->vc_var_sum = calloc(s->global.ntensors ? s->global.ntensors : 1, sizeof(double));
     r->phase = PHASE_OPEN;
     struct round_ctx ctx = {.round = r->id, .store = s->store, .cfg = &s->cfg};
-    if (s->strat->ops->begin_round && s->strat->ops->begin_round(s->strat->state, &ctx) < 0)
-        coh_err("round", "round %llu: strategy set-up failed", (unsigned long long)r->id);
+    if (s->strat->ops->begin_round && s->strat->ops->begin_round(s->strat->state, &ctx) < 0) {
+        coh_err("round", "round %llu: strategy set-up failed (participation store unreadable?); "
+                "stopping rather than aggregating with stale state", (unsigned long long)r->id);
+        r->phase = PHASE_WAITING;
+        s->exit_code = 1;
+        server_shutdown(s, 0, "strategy failure");
+        return;
+    }
     uv_timer_start(&s->round_timer, on_deadline, (uint64_t)(s->cfg.round_timeout_s * 1000.0), 0);
     coh_notice("round", "round %llu: open, offered to %u clients (deadline %.0f s)",
                (unsigned long long)r->id, s->nready, s->cfg.round_timeout_s);
@@ -283,6 +301,25 @@ void round_client_ready(struct server *s, struct conn *c)
         offer(s, c);
     else
         round_maybe_start(s);
+}
+
+void round_handover(struct server *s, struct conn *old, struct conn *c)
+{
+    if (s->cur.phase != PHASE_OPEN || !old->client_id)
+        return;
+    struct part *p = find_part(s, old->client_id);
+    if (!p || p->conn_id != old->id || (p->status != PART_OFFERED && p->status != PART_UPLOADING))
+        return;
+    /* The new connection inherits the offer; an upload on the old one is lost. */
+    old->discard_round = s->cur.id;
+    upload_release(old);
+    p->status = PART_OFFERED;
+    p->conn_id = c->id;
+}
+
+int round_awaits(struct server *s, const struct conn *c)
+{
+    return s->cur.phase == PHASE_OPEN && c->offered_round == s->cur.id;
 }
 
 void round_conn_gone(struct server *s, struct conn *c, const char *why)
@@ -799,21 +836,20 @@ static void finalize_done(uv_work_t *req, int status)
         }
     }
     double mean_loss = nloss ? loss_sum / nloss : NAN;
-    char hex[65], closed[32];
+    char hex[65];
     coh_hex(j->sha, 32, hex);
-    server_iso_now(closed, sizeof closed);
     struct pstore_round pr = {
         .round = j->round,
         .strategy = s->cfg.strategy,
         .started_at = r->started_iso,
-        .closed_at = closed,
+        .closed_at = r->closed_iso,
         .offered = offered,
         .participants = participants,
         .total_examples = examples,
         .mean_train_loss = mean_loss,
         .duration_s = server_now(s) - r->opened_at,
         .close_reason = r->close_reason ? r->close_reason : "all answered",
-        .checkpoint = j->path,
+        .checkpoint = j->relpath,
         .sha256 = hex,
     };
     struct round_ctx ctx = {.round = j->round, .parts = r->parts, .nparts = r->nparts,
@@ -902,6 +938,8 @@ static void finalize(struct server *s)
             j->vc_target[t] /= (double)accepted;
     }
     j->chunk_bytes = s->cfg.chunk_bytes;
+    snprintf(j->relpath, sizeof j->relpath, "checkpoints/round-%06llu.safetensors",
+             (unsigned long long)r->id);
     snprintf(j->path, sizeof j->path, "%s/checkpoints/round-%06llu.safetensors", s->cfg.state_dir,
              (unsigned long long)r->id);
     j->req.data = j;
@@ -912,6 +950,10 @@ static void finalize(struct server *s)
 static void check_close(struct server *s)
 {
     struct round *r = &s->cur;
+    /* Shutting down: clients leave because we close them, not because they
+     * answered; the open round is abandoned (redone after a restart). */
+    if (s->stopping && (r->phase == PHASE_OPEN || r->phase == PHASE_CLOSING))
+        return;
     if (r->phase == PHASE_OPEN) {
         if (r->nparts == 0)
             return;
@@ -921,6 +963,7 @@ static void check_close(struct server *s)
                 return;
         }
         r->phase = PHASE_CLOSING;
+        server_iso_now(r->closed_iso, sizeof r->closed_iso);
     }
     if (r->phase == PHASE_CLOSING && r->folds_inflight == 0)
         finalize(s);

@@ -25,6 +25,10 @@ void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_vie
 void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m);
 void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m);
 void round_slot_freed(struct server *s);
+/* A newer connection of the same client takes over old's offer in the open round. */
+void round_handover(struct server *s, struct conn *old, struct conn *c);
+/* 1 when the open round was offered to c (its silence is then training, not idling). */
+int round_awaits(struct server *s, const struct conn *c);
 /* The upload of c passed --upload-timeout-ms: drop it and close c. */
 void round_upload_expired(struct server *s, struct conn *c);
 /* Jobs still running on the thread pool (shutdown waits for 0). */

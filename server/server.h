@@ -110,6 +110,7 @@ struct round {
     double opened_at;           /* loop seconds */
     double deadline_at;
     char started_iso[32];
+    char closed_iso[32];
     struct part *parts;
     size_t nparts, capparts;
     uint32_t uploads_active;

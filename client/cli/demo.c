@@ -280,7 +280,11 @@ int demo_main(int argc, char **argv)
                     const char *ck = (const char *)sqlite3_column_text(q, 4);
                     struct coh_model g;
                     double acc = NAN, loss = NAN;
-                    if (ck && coh_st_load(ck, NULL, &g, err, sizeof err) == 0) {
+                    char ckpath[8400];
+                    if (ck)
+                        snprintf(ckpath, sizeof ckpath, "%s%s%s", ck[0] == '/' ? "" : sdir,
+                                 ck[0] == '/' ? "" : "/", ck);
+                    if (ck && coh_st_load(ckpath, NULL, &g, err, sizeof err) == 0) {
                         nn_eval(&g, &test, &acc, &loss, err, sizeof err);
                         coh_model_fini(&g);
                     }

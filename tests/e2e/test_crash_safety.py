@@ -64,7 +64,8 @@ def main():
         db = env.db()
         rows = db.execute("SELECT round, checkpoint, sha256 FROM rounds ORDER BY round").fetchall()
         t.ok([r[0] for r in rows] == list(range(ROUNDS + 1)), "rounds 0..%d committed exactly once" % ROUNDS)
-        bad = [r[0] for r in rows if hashlib.sha256(open(r[1], "rb").read()).hexdigest() != r[2]]
+        bad = [r[0] for r in rows
+               if hashlib.sha256(open(os.path.join(env.state, r[1]), "rb").read()).hexdigest() != r[2]]
         t.ok(not bad, "every checkpoint's sha256 matches the store (mismatches: %s)" % bad)
         t.ok(db.execute("PRAGMA integrity_check").fetchone()[0] == "ok", "PRAGMA integrity_check ok")
         n = db.execute("SELECT count(*) FROM participation WHERE status='accepted'").fetchone()[0]

@@ -52,11 +52,13 @@ def main():
              "each row holds its example count and the applied weight n_i/sum(n)")
         rounds = db.execute("SELECT round, participants, checkpoint, sha256 FROM rounds "
                             "ORDER BY round").fetchall()
+        t.ok(all(r[2] == "checkpoints/round-%06d.safetensors" % r[0] for r in rounds),
+             "checkpoint paths are stored relative to the state directory")
         t.ok([r[0] for r in rounds] == [0, 1, 2] and [r[1] for r in rounds] == [0, 3, 3],
              "rounds 0 (initial), 1 and 2 committed with 3 participants")
         import hashlib
         for r in rounds:
-            with open(r[2], "rb") as f:
+            with open(os.path.join(env.state, r[2]), "rb") as f:
                 t.ok(hashlib.sha256(f.read()).hexdigest() == r[3],
                      "checkpoint of round %d matches its sha256 in the store" % r[0])
         t.ok(db.execute("PRAGMA integrity_check").fetchone()[0] == "ok", "integrity_check ok")
