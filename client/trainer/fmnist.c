@@ -85,8 +85,21 @@ static int idx_read_error(struct idx_file *f, const char *what, size_t want, siz
         set_err(err, errlen, "fmnist: %s: out of memory in zlib", f->path);
         return -ENOMEM;
     }
-    if (zerr != Z_OK && zerr != Z_BUF_ERROR) {
-        set_err(err, errlen, "fmnist: %s: corrupt gzip data (%s)", f->path, msg);
+    if (zerr == Z_BUF_ERROR) {
+        if (got == want)
+            set_err(err, errlen, "fmnist: %s: file truncated (gzip stream ends before its "
+                    "trailer)", f->path);
+        else
+            set_err(err, errlen, "fmnist: %s: file truncated (gzip stream ends after %zu of "
+                    "%zu bytes of %s)", f->path, got, want, what);
+        return COHORT_EFORMAT;
+    }
+    if (zerr != Z_OK) {
+        size_t plen = strlen(f->path);      /* zlib prefixes its message with the path */
+        if (msg && strncmp(msg, f->path, plen) == 0 && msg[plen] == ':' && msg[plen + 1] == ' ')
+            msg += plen + 2;
+        set_err(err, errlen, "fmnist: %s: corrupt gzip data (%s)", f->path,
+                msg ? msg : "unknown error");
         return COHORT_EFORMAT;
     }
     set_err(err, errlen, "fmnist: %s: truncated %s: expected %zu bytes, file holds %zu",
@@ -181,7 +194,7 @@ static int idx_read_body(struct idx_file *f, size_t len, const char *what, uint8
                     len, what);
             rc = COHORT_EFORMAT;
         } else {
-            rc = idx_read_error(f, "gzip stream", len, len, err, errlen);
+            rc = idx_read_error(f, what, len, len, err, errlen);
         }
         free(buf);
         return rc;
@@ -329,7 +342,7 @@ int fmnist_label_counts(const struct fmnist *d, const uint32_t *idx, size_t n,
 
 /*
  * The full split as one permutation `perm` of 0..n-1 grouped by part: part p owns
- * perm[start[p] .. start[p+1]), sorted ascending.
+ * perm[start[p] .. start[p+1]) (in split order; plan_take sorts a part's copy).
  */
 struct split_plan {
     uint32_t *perm;
