@@ -9,19 +9,42 @@
 
 #include "wire.h"
 
-static int has_unknown(const Cohort__Envelope *e)
+/* Any unknown field anywhere in the message tree (protobuf-c reflection). */
+static int has_unknown_msg(const ProtobufCMessage *m)
 {
-    if (e->base.n_unknown_fields)
+    if (!m)
+        return 0;
+    if (m->n_unknown_fields)
         return 1;
-    const ProtobufCMessageDescriptor *d = e->base.descriptor;
+    const ProtobufCMessageDescriptor *d = m->descriptor;
     for (unsigned i = 0; i < d->n_fields; i++) {
-        if (d->fields[i].id != (uint32_t)e->body_case)
+        const ProtobufCFieldDescriptor *f = &d->fields[i];
+        if (f->type != PROTOBUF_C_TYPE_MESSAGE)
             continue;
-        const ProtobufCMessage *inner =
-            *(const ProtobufCMessage *const *)((const char *)e + d->fields[i].offset);
-        return inner && inner->n_unknown_fields;
+        const char *base = (const char *)m;
+        if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+            size_t n = *(const size_t *)(base + f->quantifier_offset);
+            const ProtobufCMessage *const *arr =
+                *(const ProtobufCMessage *const *const *)(base + f->offset);
+            for (size_t k = 0; k < n; k++)
+                if (has_unknown_msg(arr[k]))
+                    return 1;
+        } else {
+            if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) {
+                uint32_t which = *(const uint32_t *)(base + f->quantifier_offset);
+                if (which != f->id)
+                    continue;
+            }
+            if (has_unknown_msg(*(const ProtobufCMessage *const *)(base + f->offset)))
+                return 1;
+        }
     }
     return 0;
+}
+
+static int has_unknown(const Cohort__Envelope *e)
+{
+    return has_unknown_msg(&e->base);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
