@@ -59,6 +59,8 @@ static void usage(FILE *f)
             "  demo         run a 10-client federation on Fashion-MNIST on this machine\n"
             "  client       take part in a federation (built-in trainer, fixed update, or a\n"
             "               command such as a PyTorch script)\n"
+            "  sim          run a whole experiment (FedAvg/FedAU on Fashion-MNIST, participation\n"
+            "               patterns) through a real cohortd with N TLS clients\n"
             "  certs        make a CA, server, client and peer certificates\n"
             "  init-model   write an initial model (softmax or MLP) as safetensors\n"
             "  eval         test accuracy and loss of a model on Fashion-MNIST\n"
@@ -84,6 +86,8 @@ int main(int argc, char **argv)
         return eval_main(argc, argv);
     if (strcmp(cmd, "demo") == 0)
         return demo_main(argc, argv);
+    if (strcmp(cmd, "sim") == 0)
+        return sim_main(argc, argv);
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("cohort 0.1.0\n");
         return 0;
