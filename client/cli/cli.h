@@ -13,6 +13,11 @@ int init_model_main(int argc, char **argv);
 int eval_main(int argc, char **argv);
 int demo_main(int argc, char **argv);
 int sim_main(int argc, char **argv);
+/* cmd_admin.c: read a state directory (see cmd_admin.h) */
+int status_main(int argc, char **argv);
+int rounds_main(int argc, char **argv);
+int clients_main(int argc, char **argv);
+int export_main(int argc, char **argv);
 
 /* Strict number parsing for options; print "cohort CMD: OPT must be ..." on error. */
 int cli_u64(const char *cmd, const char *opt, const char *v, uint64_t lo, uint64_t hi,

@@ -64,6 +64,10 @@ static void usage(FILE *f)
             "  certs        make a CA, server, client and peer certificates\n"
             "  init-model   write an initial model (softmax or MLP) as safetensors\n"
             "  eval         test accuracy and loss of a model on Fashion-MNIST\n"
+            "  status       a federation at a glance, from its state directory\n"
+            "  rounds       one row per committed round\n"
+            "  clients      one row per registered client, with its participation\n"
+            "  export       copy a verified checkpoint (safetensors) for PyTorch\n"
             "  version      print the version\n");
 }
 
@@ -88,6 +92,14 @@ int main(int argc, char **argv)
         return demo_main(argc, argv);
     if (strcmp(cmd, "sim") == 0)
         return sim_main(argc, argv);
+    if (strcmp(cmd, "status") == 0)
+        return status_main(argc, argv);
+    if (strcmp(cmd, "rounds") == 0)
+        return rounds_main(argc, argv);
+    if (strcmp(cmd, "clients") == 0)
+        return clients_main(argc, argv);
+    if (strcmp(cmd, "export") == 0)
+        return export_main(argc, argv);
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("cohort 0.1.0\n");
         return 0;
