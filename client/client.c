@@ -346,6 +346,32 @@ COHORT_API int cohort_opts_set_once(cohort_opts *o, int once)
     return 0;
 }
 
+COHORT_API int cohort_opts_set_role(cohort_opts *o, int role)
+{
+    if (!o || (role != COHORT_ROLE_TRAINER && role != COHORT_ROLE_EVALUATOR))
+        return COHORT_EINVAL;
+    o->role = role;
+    return 0;
+}
+
+COHORT_API int cohort_round_add_metric(struct cohort_round *r, const char *name, double value)
+{
+    size_t n = name ? strlen(name) : 0;
+    if (!r || n == 0 || n >= sizeof r->metrics[0].name ||
+        r->nmetrics >= sizeof r->metrics / sizeof r->metrics[0])
+        return COHORT_EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        char ch = name[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '_' || ch == '.' || ch == '-'))
+            return COHORT_EINVAL;
+    }
+    memcpy(r->metrics[r->nmetrics].name, name, n + 1);
+    r->metrics[r->nmetrics].value = value;
+    r->nmetrics++;
+    return 0;
+}
+
 COHORT_API int cohort_opts_set_limits(cohort_opts *o, uint32_t max_frame_bytes,
                                       uint64_t max_model_bytes)
 {
@@ -1089,7 +1115,7 @@ static const char *body_name(int body_case)
     static const char *const names[] = {
         "nothing", "Hello", "Welcome", "RoundOffer", "ModelChunk", "UpdateBegin",
         "UpdateChunk", "UpdateEnd", "UpdateAck", "Decline", "RoundResult", "RunEnd", "Error",
-        "Heartbeat",
+        "Heartbeat", "GossipPush", "GossipAck", "EvalReport",
     };
     if (body_case >= 0 && (size_t)body_case < sizeof names / sizeof names[0])
         return names[body_case];
@@ -1517,10 +1543,76 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
     return 0;
 }
 
+/* An evaluation offer (evaluators only): model in, callback, EvalReport out. */
+static int do_eval(struct cohort_client *c, const Cohort__RoundOffer *of, cohort_train_fn fn,
+                   void *user)
+{
+    size_t numel = 0;
+    int rc = check_offer(c, of, &numel);
+    if (rc == 0)
+        rc = adopt_layout(c, of, numel);
+    if (rc == 0)
+        rc = recv_model(c, of);
+    if (rc != 0)
+        return rc;
+    coh_frame_rx_trim(&c->rx, RX_KEEP);
+    memcpy(c->params, c->global, numel * sizeof(float));
+    struct cohort_round r;
+    memset(&r, 0, sizeof r);
+    r.round = of->round;
+    r.ntensors = c->lay.ntensors;
+    r.tensors = c->lay.info;
+    r.numel = numel;
+    r.global = c->global;
+    r.params = c->params;
+    r.num_examples = c->o.num_examples;
+    r.train_loss = NAN;
+    r.evaluate = 1;
+    r.model_round = of->model_round;
+    int cb = fn(&r, user);
+    c->last_rx_ms = mono_ms();
+    if (stopped(c))
+        return COHORT_ECANCELED;
+    if (cb < 0) {
+        log_c(c, COHORT_LOG_WARN, "the evaluation of round %" PRIu64 " failed: %s; reporting "
+              "no metrics", of->model_round, cohort_strerror(cb));
+        r.nmetrics = 0;
+    }
+    size_t n = r.nmetrics <= 16 ? r.nmetrics : 16;
+    Cohort__EvalReport__MetricsEntry ents[16], *ptrs[16];
+    for (size_t i = 0; i < n; i++) {
+        cohort__eval_report__metrics_entry__init(&ents[i]);
+        r.metrics[i].name[sizeof r.metrics[i].name - 1] = '\0';
+        ents[i].key = r.metrics[i].name;
+        ents[i].value = r.metrics[i].value;
+        ptrs[i] = &ents[i];
+    }
+    Cohort__EvalReport er = COHORT__EVAL_REPORT__INIT;
+    er.round = of->model_round;
+    er.n_metrics = n;
+    er.metrics = ptrs;
+    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
+    e.body_case = COHORT__ENVELOPE__BODY_EVAL_REPORT;
+    e.eval_report = &er;
+    rc = send_msg(c, &e);
+    if (rc < 0)
+        return rc;
+    log_c(c, COHORT_LOG_INFO, "sent the evaluation of round %" PRIu64 " (%zu metrics)",
+          of->model_round, n);
+    return c->o.once ? SESSION_DONE : 0;
+}
+
 /* One offered round: model in, callback, update or decline out. */
 static int do_round(struct cohort_client *c, const Cohort__RoundOffer *of, cohort_train_fn fn,
                     void *user)
 {
+    if (of->evaluate_only) {
+        if (c->o.role != COHORT_ROLE_EVALUATOR)
+            return unexpected(c, "an evaluation offer", "to a trainer");
+        return do_eval(c, of, fn, user);
+    }
+    if (c->o.role == COHORT_ROLE_EVALUATOR)
+        return unexpected(c, "a training offer", "to an evaluator");
     uint64_t round = of->round;
     c->stats.rounds_offered++;
     if (round > c->stats.last_round)
@@ -1610,7 +1702,7 @@ static int handshake(struct cohort_client *c)
     h.protocol_version = COH_PROTOCOL_VERSION;
     h.software = (char *)COH_CLIENT_SOFTWARE;
     h.num_examples = c->o.num_examples;
-    h.role = (char *)"trainer";
+    h.role = (char *)(c->o.role == COHORT_ROLE_EVALUATOR ? "evaluator" : "trainer");
     Cohort__Envelope e = COHORT__ENVELOPE__INIT;
     e.body_case = COHORT__ENVELOPE__BODY_HELLO;
     e.hello = &h;

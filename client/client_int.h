@@ -37,6 +37,7 @@ struct cohort_opts {
     uint64_t num_examples;
     uint32_t backoff_initial_ms, backoff_max_ms, max_attempts;
     int once;
+    int role;                   /* enum cohort_role */
     uint32_t max_frame_bytes;
     uint64_t max_model_bytes;
     uint32_t chunk_bytes;

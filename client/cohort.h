@@ -57,6 +57,15 @@ struct cohort_round {
     double train_loss;          /* out: mean training loss, NAN if unknown */
     int decline;                /* out: 1 = do not take part in this round */
     char decline_reason[128];   /* out, optional */
+
+    /* Evaluators (cohort_opts_set_role(o, COHORT_ROLE_EVALUATOR)): */
+    int evaluate;               /* in: 1 = test `global` and report metrics; do not train */
+    uint64_t model_round;       /* in: the committed round that produced `global` */
+    size_t nmetrics;            /* out: filled by cohort_round_add_metric() */
+    struct cohort_metric {
+        char name[64];
+        double value;
+    } metrics[16];
 };
 
 /* Training callback. Return 0 to send the update (or the decline the callback
@@ -132,6 +141,23 @@ COHORT_API int cohort_opts_set_chunk_bytes(cohort_opts *o, uint32_t bytes);
 COHORT_API int cohort_opts_set_timeouts(cohort_opts *o, uint32_t connect_ms, uint32_t io_timeout_ms);
 COHORT_API int cohort_opts_set_log(cohort_opts *o, cohort_log_fn fn, void *user, int max_level);
 COHORT_API int cohort_opts_set_event_fn(cohort_opts *o, cohort_event_fn fn, void *user);
+
+/* What the client does in the federation. */
+enum cohort_role {
+    COHORT_ROLE_TRAINER = 0,    /* default: trains on offered rounds and sends updates */
+    COHORT_ROLE_EVALUATOR,      /* tests each new global model and reports metrics; never
+                                 * counted as a participant */
+};
+/* As an evaluator the callback is called once per committed round with
+ * r->evaluate = 1 and r->model_round; it reports what it measured with
+ * cohort_round_add_metric() and its return value only decides whether the
+ * report is logged as a failure (a report, possibly empty, is always sent). */
+COHORT_API int cohort_opts_set_role(cohort_opts *o, int role);
+
+/* Adds one metric to the evaluation report of r (name: 1-63 characters of
+ * [A-Za-z0-9_.-]; at most 16 metrics). COHORT_EINVAL for a bad name or when
+ * full. */
+COHORT_API int cohort_round_add_metric(struct cohort_round *r, const char *name, double value);
 
 /* Creates a client; copies o. */
 COHORT_API int cohort_client_new(cohort_client **out, const cohort_opts *o);

@@ -56,8 +56,18 @@ static inline double coh_rng_uniform(struct coh_rng *r)
 /* Uniform integer in [0, n); n > 0. Lemire's multiply-shift, bias < 2^-32 for n < 2^32. */
 static inline uint64_t coh_rng_below(struct coh_rng *r, uint64_t n)
 {
+#ifdef __SIZEOF_INT128__
     __extension__ typedef unsigned __int128 u128;
     return (uint64_t)(((u128)coh_rng_next(r) * n) >> 64);
+#else
+    /* 32-bit targets (armhf) have no 128-bit integer: the same high 64 bits of
+     * the product, from four 32x32-bit partial products. */
+    uint64_t x = coh_rng_next(r);
+    uint64_t xl = (uint32_t)x, xh = x >> 32, nl = (uint32_t)n, nh = n >> 32;
+    uint64_t lh = xl * nh, hl = xh * nl;
+    uint64_t mid = ((xl * nl) >> 32) + (uint32_t)lh + (uint32_t)hl;
+    return xh * nh + (lh >> 32) + (hl >> 32) + (mid >> 32);
+#endif
 }
 
 /* Standard normal (Box-Muller; one value per call, the pair's second is dropped). */

@@ -21,7 +21,9 @@
 
 #include "cohort_err.h"
 #include "dispatch.h"
+#include "gossip.h"
 #include "log.h"
+#include "metrics.h"
 #include "round.h"
 #include "server.h"
 #include "wire.h"
@@ -50,6 +52,8 @@ const char *conn_label(const struct conn *c, char *buf, size_t len)
 static void conn_free(struct conn *c)
 {
     struct server *s = c->srv;
+    if (c->link)
+        gossip_link_gone(c);
     if (c->prev)
         c->prev->next = c->next;
     else if (s->conn_list == c)
@@ -125,6 +129,7 @@ static void flush(struct conn *c)
     c->refs++;
     c->tx_pending += w->len;
     c->bytes_out += w->len;
+    metrics_bytes_out(w->len);
     int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
     if (rc < 0) {
         c->tx_pending -= w->len;
@@ -244,7 +249,9 @@ void conn_close(struct conn *c, const char *fmt, ...)
     idmap_del(&s->conns_by_id, c->id);
     if (c->client_id && idmap_get(&s->conns_by_client, (uint64_t)c->client_id) == c)
         idmap_del(&s->conns_by_client, (uint64_t)c->client_id);
-    if (was_ready)
+    if (was_ready && c->evaluator)
+        s->nevaluators--;
+    else if (was_ready)
         s->nready--;
     round_conn_gone(s, c, why);
     upload_release(c);
@@ -300,6 +307,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     }
     c->last_rx = server_now(c->srv);
     c->bytes_in += (uint64_t)nread;
+    metrics_bytes_in((uint64_t)nread);
     if (BIO_write(c->rbio, buf->base, (int)nread) != (int)nread) {
         conn_close(c, "out of memory buffering input");
         return;
@@ -361,7 +369,7 @@ static int take_identity(struct conn *c)
         }
     }
     snprintf(c->name, sizeof c->name, "%s", cn);
-    if (!server_client_allowed(c->srv, c->name)) {
+    if (!c->outgoing && !server_client_allowed(c->srv, c->name)) {
         char label[400];
         coh_warn("conn", "%s: client '%s' is not in the allow-list; refusing",
                  conn_label(c, label, sizeof label), c->name);
@@ -386,6 +394,8 @@ static void handshake(struct conn *c)
         char label[400];
         coh_debug("conn", "%s: TLS %s established", conn_label(c, label, sizeof label),
                   SSL_get_version(c->ssl));
+        if (c->outgoing)
+            gossip_link_connected(c);
         return;
     }
     int err = SSL_get_error(c->ssl, rc);
@@ -539,6 +549,92 @@ void conn_on_connection(uv_stream_t *listener, int status)
     c->accepted_at = c->last_rx = server_now(s);
     idmap_put(&s->conns_by_id, c->id, c);
     uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read);
+}
+
+struct dial_req {
+    uv_connect_t req;
+    struct conn *c;
+};
+
+static void on_dialed(uv_connect_t *req, int status)
+{
+    struct dial_req *d = (struct dial_req *)req;
+    struct conn *c = d->c;
+    free(d);
+    if (c->state != CONN_CLOSING) {
+        if (status < 0) {
+            conn_close(c, "cannot connect: %s", uv_strerror(status));
+        } else {
+            uv_tcp_nodelay(&c->tcp, 1);
+            c->last_rx = server_now(c->srv);
+            uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read);
+            process(c); /* writes the ClientHello */
+        }
+    }
+    deref(c);
+}
+
+struct conn *conn_dial(struct server *s, SSL_CTX *ctx, const struct sockaddr *addr,
+                       const char *label, const char *host)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    struct dial_req *d = calloc(1, sizeof *d);
+    if (!c || !d) {
+        free(c);
+        free(d);
+        return NULL;
+    }
+    c->srv = s;
+    c->refs = 1;
+    c->outgoing = 1;
+    c->state = CONN_HANDSHAKE;
+    snprintf(c->peer, sizeof c->peer, "%s", label);
+    c->ssl = SSL_new(ctx);
+    c->rbio = BIO_new(BIO_s_mem());
+    c->wbio = BIO_new(BIO_s_mem());
+    int ok = c->ssl && c->rbio && c->wbio;
+    if (!ok) {
+        BIO_free(c->rbio);
+        BIO_free(c->wbio);
+    } else {
+        BIO_set_mem_eof_return(c->rbio, -1);
+        SSL_set_bio(c->ssl, c->rbio, c->wbio);
+        SSL_set_connect_state(c->ssl);
+        /* The peer certificate must name the host we dialed, as for any TLS client. */
+        X509_VERIFY_PARAM *vp = SSL_get0_param(c->ssl);
+        if (X509_VERIFY_PARAM_set1_ip_asc(vp, host) != 1) {
+            ERR_clear_error();
+            ok = SSL_set_tlsext_host_name(c->ssl, host) == 1 && SSL_set1_host(c->ssl, host) == 1;
+        }
+    }
+    if (!ok) {
+        SSL_free(c->ssl); /* frees the BIOs once they were set */
+        ERR_clear_error();
+        free(c);
+        free(d);
+        return NULL;
+    }
+    uv_tcp_init(s->loop, &c->tcp);
+    c->tcp.data = c;
+    c->id = ++s->next_conn_id;
+    c->next = s->conn_list;
+    if (s->conn_list)
+        s->conn_list->prev = c;
+    s->conn_list = c;
+    s->nconns++;
+    coh_frame_rx_init(&c->rx, s->cfg.max_frame_bytes);
+    c->accepted_at = c->last_rx = server_now(s);
+    idmap_put(&s->conns_by_id, c->id, c);
+    d->c = c;
+    c->refs++; /* held by the connect request */
+    int rc = uv_tcp_connect(&d->req, &c->tcp, addr, on_dialed);
+    if (rc < 0) {
+        free(d);
+        c->refs--;
+        /* The caller gets the conn and learns of the failure when it closes. */
+        conn_close(c, "cannot connect: %s", uv_strerror(rc));
+    }
+    return c;
 }
 
 void upload_release(struct conn *c)

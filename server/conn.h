@@ -19,7 +19,9 @@
 struct server;
 struct model_blob;
 
-enum conn_state { CONN_HANDSHAKE = 0, CONN_HELLO, CONN_READY, CONN_CLOSING };
+/* CONN_PEER: a gossip peer link past Hello/Welcome (either direction); it is
+ * never offered rounds and does not count as a ready client. */
+enum conn_state { CONN_HANDSHAKE = 0, CONN_HELLO, CONN_READY, CONN_CLOSING, CONN_PEER };
 
 /* A staged update upload (one per connection at most). */
 struct upload {
@@ -63,11 +65,24 @@ struct conn {
     uint64_t discard_round;     /* chunks of a refused upload for this round are dropped */
     Cohort__Envelope *pending_begin; /* UpdateBegin waiting for an upload slot */
     int paused;
+    int evaluator;              /* Hello.role "evaluator": gets models to test, no rounds */
+    int eval_busy;              /* an evaluation offer awaits its EvalReport */
+    uint64_t eval_round;        /* model round of the last evaluation offer */
+
+    int outgoing;               /* dialed by this node (a gossip peer link) */
+    struct gossip_link *link;   /* gossip state of a peer link (gossip.c), NULL otherwise */
 
     struct conn *prev, *next;
 };
 
 void conn_on_connection(uv_stream_t *listener, int status);
+/* Dials addr with TLS client mode from ctx (a gossip peer link), verifying the
+ * peer certificate for host (DNS name or IP literal). label names the peer in
+ * logs (HOST:PORT). Returns the conn (state CONN_HANDSHAKE, in the connection
+ * list) or NULL. Whatever happens later, the conn ends in the close callback,
+ * where gossip_link_gone() is told if c->link is set. */
+struct conn *conn_dial(struct server *s, SSL_CTX *ctx, const struct sockaddr *addr,
+                       const char *label, const char *host);
 /* Sends one message (whole frame through TLS). Returns 0 or a negative error. */
 int conn_send(struct conn *c, const Cohort__Envelope *e);
 void conn_send_error(struct conn *c, int code, uint64_t round, int fatal, const char *fmt, ...)

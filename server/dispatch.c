@@ -11,6 +11,7 @@
 
 #include "cohort_err.h"
 #include "conn.h"
+#include "gossip.h"
 #include "log.h"
 #include "pstore.h"
 #include "round.h"
@@ -30,8 +31,21 @@ static void on_hello(struct conn *c, const Cohort__Hello *h)
         conn_close(c, "incompatible protocol version %u", h->protocol_version);
         return;
     }
+    if (h->role && strcmp(h->role, "peer") == 0) {
+        gossip_on_peer_hello(c, h);
+        return;
+    }
+    /* Evaluators get each new global model to test and never count as trainers. */
+    int evaluator = h->role && strcmp(h->role, "evaluator") == 0;
+    if (h->role && h->role[0] && !evaluator && strcmp(h->role, "trainer") != 0) {
+        conn_send_error(c, COHORT_EINVAL, 0, 1, "unknown role '%.40s' (known: trainer, evaluator)",
+                        h->role);
+        conn_close(c, "unknown role in Hello");
+        return;
+    }
     int64_t id;
-    if (pstore_client_seen(s->store, c->name, h->num_examples, &id) < 0) {
+    if (pstore_client_seen_role(s->store, c->name, evaluator ? "evaluator" : "trainer",
+                                h->num_examples, &id) < 0) {
         conn_send_error(c, COHORT_ESTORE, 0, 1, "server could not register the client; retry later");
         conn_close(c, "participation store failure while registering");
         return;
@@ -49,7 +63,11 @@ static void on_hello(struct conn *c, const Cohort__Hello *h)
     c->hello_examples = h->num_examples;
     idmap_put(&s->conns_by_client, (uint64_t)id, c);
     c->state = CONN_READY;
-    s->nready++;
+    c->evaluator = evaluator;
+    if (evaluator)
+        s->nevaluators++;
+    else
+        s->nready++;
 
     Cohort__Welcome w = COHORT__WELCOME__INIT;
     w.protocol_version = COH_PROTOCOL_VERSION;
@@ -63,10 +81,13 @@ static void on_hello(struct conn *c, const Cohort__Hello *h)
     e.welcome = &w;
     conn_send(c, &e);
     char label[400];
-    coh_info("conn", "%s: joined as client %lld (%llu examples)",
-             conn_label(c, label, sizeof label), (long long)id,
+    coh_info("conn", "%s: joined as %s %lld (%llu examples)",
+             conn_label(c, label, sizeof label), evaluator ? "evaluator" : "client", (long long)id,
              (unsigned long long)h->num_examples);
-    round_client_ready(s, c);
+    if (evaluator)
+        round_eval_ready(s, c);
+    else
+        round_client_ready(s, c);
 }
 
 static void on_heartbeat(struct conn *c, const Cohort__Heartbeat *hb)
@@ -87,6 +108,10 @@ static void on_heartbeat(struct conn *c, const Cohort__Heartbeat *hb)
 
 void dispatch_frame(struct conn *c, const uint8_t *frame, size_t len)
 {
+    if (c->link) {
+        gossip_on_frame(c, frame, len);
+        return;
+    }
     if (c->state == CONN_READY) {
         struct coh_chunk_view v;
         int r = coh_wire_peek_chunk(frame, len, &v);
@@ -130,6 +155,13 @@ void dispatch_frame(struct conn *c, const uint8_t *frame, size_t len)
         break;
     case COHORT__ENVELOPE__BODY_DECLINE:
         round_on_decline(c->srv, c, e->decline);
+        break;
+    case COHORT__ENVELOPE__BODY_EVAL_REPORT:
+        if (c->evaluator)
+            round_on_eval_report(c->srv, c, e->eval_report);
+        else
+            conn_send_error(c, COHORT_ESTATE, e->eval_report->round, 0,
+                            "EvalReport from a trainer; connect with role \"evaluator\"");
         break;
     case COHORT__ENVELOPE__BODY_UPDATE_CHUNK:
         /* Only reached when the fast path deferred (unknown fields). */

@@ -19,7 +19,10 @@
 #include <unistd.h>
 
 #include "cohort_err.h"
+#include "config_file.h"
+#include "http.h"
 #include "conn.h"
+#include "gossip.h"
 #include "log.h"
 #include "options.h"
 #include "pstore.h"
@@ -80,6 +83,11 @@ static int make_dir(const char *path)
 /* Loads the state directory's last committed model, or starts from --model. */
 static int load_state(struct server *s)
 {
+    if (s->cfg.gossip) {
+        int g = gossip_load_model(s); /* STATE_DIR/model.safetensors, when resuming */
+        if (g <= 0)
+            return g;
+    }
     char err[512];
     struct pstore_last last;
     if (pstore_last_round(s->store, &last) < 0) {
@@ -256,7 +264,7 @@ static int split_host_port(const char *hp, char *host, size_t hlen, int *port)
 static void on_exit_check(uv_timer_t *t)
 {
     struct server *s = t->data;
-    if (s->nconns > 0 || round_jobs_inflight(s) > 0)
+    if (s->nconns > 0 || round_jobs_inflight(s) > 0 || gossip_busy(s))
         return;
     uv_timer_stop(t);
     uv_close((uv_handle_t *)t, NULL);
@@ -264,6 +272,7 @@ static void on_exit_check(uv_timer_t *t)
     uv_close((uv_handle_t *)&s->sigint, NULL);
     uv_close((uv_handle_t *)&s->sigterm, NULL);
     round_fini(s);
+    gossip_fini(s);
 }
 
 void server_shutdown(struct server *s, int done, const char *reason)
@@ -285,8 +294,10 @@ void server_shutdown(struct server *s, int done, const char *reason)
         conn_close(c, "%s", done ? "run complete" : "server shutting down");
     }
     uv_timer_stop(&s->round_timer);
+    gossip_stop(s);
     if (!uv_is_closing((uv_handle_t *)&s->listener))
         uv_close((uv_handle_t *)&s->listener, NULL);
+    http_stop(s);
     uv_timer_init(s->loop, &exit_timer);
     exit_timer.data = s;
     uv_timer_start(&exit_timer, on_exit_check, 0, 50);
@@ -321,9 +332,32 @@ int main(int argc, char **argv)
     static struct server srv;
     struct server *s = &srv;
     config_defaults(&s->cfg);
-    int prc = options_parse_argv(&s->cfg, argc, argv);
+    /* The file first, then the command line, so a flag wins over the file. */
+    struct config_file_args cfa;
+    argc = config_file_args(argc, argv, &cfa);
+    int prc = argc < 0 ? 2 : 0;
+    if (prc == 0 && cfa.print_example) {
+        config_file_example(stdout);
+        prc = 1;
+    }
+    if (prc == 0 && cfa.path) {
+        s->cfg.config_file = strdup(cfa.path);
+        if (config_file_load(&s->cfg, cfa.path, stderr) < 0)
+            prc = 2;
+    }
+    if (prc == 0)
+        prc = options_parse_argv(&s->cfg, argc, argv);
     if (prc == 0 && options_finish(&s->cfg) < 0)
         prc = 2;
+    if (prc == 0 && s->cfg.http && http_check_address(s->cfg.http) < 0) {
+        fprintf(stderr, "cohortd: --http must be PORT or HOST:PORT with an IP address (got '%s')\n",
+                s->cfg.http);
+        prc = 2;
+    }
+    if (prc == 0 && cfa.check) {
+        printf("cohortd: %s: configuration OK\n", cfa.path ? cfa.path : "command line");
+        prc = 1;
+    }
     if (prc) {
         config_fini(&s->cfg);
         return prc == 1 ? 0 : 2;
@@ -406,6 +440,12 @@ int main(int argc, char **argv)
     uv_timer_init(s->loop, &sweep_timer);
     sweep_timer.data = s;
     uv_timer_start(&sweep_timer, on_sweep, 1000, 1000);
+    if (s->cfg.gossip && gossip_init(s) < 0)
+        goto out;
+    if (http_start(s) < 0) {
+        s->exit_code = 1;
+        server_shutdown(s, 0, "the HTTP endpoint could not start");
+    }
 
     coh_notice("main", "cohortd 0.1.0 listening on %s (TLS 1.3, %s), strategy %s%s, state %s, "
                "next round %llu%s%s", s->cfg.listen,
@@ -416,12 +456,15 @@ int main(int argc, char **argv)
                s->cfg.rounds ? "" : " (no round limit)",
                s->cfg.durable ? "" : ", durability relaxed");
     printf("cohortd: listening on %s\n", s->cfg.listen);
+    if (http_address()[0])
+        printf("cohortd: dashboard at http://%s/\n", http_address());
     fflush(stdout);
     uv_run(s->loop, UV_RUN_DEFAULT);
     rc = s->exit_code;
     if (uv_loop_close(s->loop) != 0)
         coh_warn("main", "event loop closed with handles still open");
 out:
+    gossip_free(s);
     blob_unref(s->blob);
     coh_model_fini(&s->global);
     if (s->strat)

@@ -84,6 +84,43 @@ const struct opt_def options[] = {
      NULL, "N", "heartbeat interval announced to clients"},
     {"chunk-bytes", "limits", "chunk_bytes", OPT_U32, OFF(chunk_bytes), 1024, 67108864, "262144",
      NULL, "N", "payload bytes per model chunk frame"},
+    /* [http] */
+    {"http", "http", "listen", OPT_STR, OFF(http), 0, 0, "", NULL, "HOST:PORT",
+     "admin HTTP endpoint with /metrics, /api/* and the dashboard (empty: off; a bare PORT "
+     "means 127.0.0.1:PORT)"},
+    {"http-token", "http", "token", OPT_STR, OFF(http_token), 0, 0, "", NULL, "TOKEN",
+     "HTTP requests must carry 'Authorization: Bearer TOKEN' (empty: no token)"},
+    /* [gossip] (docs/gossip.md) */
+    {"mode", "gossip", "mode", OPT_ENUM, OFF(mode_s), 0, 0, "fl", "fl|gossip", "M",
+     "fl: central aggregation server; gossip: a decentralized peer for its local trainers"},
+    {"peers", "gossip", "peers", OPT_STR, OFF(peers), 0, 0, "", NULL, "HOST:PORT,...",
+     "gossip: seed peers"},
+    {"peers-file", "gossip", "peers_file", OPT_STR, OFF(peers_file), 0, 0, "", NULL, "FILE",
+     "gossip: seed peers, one HOST:PORT per line (# comments)"},
+    {"advertise", "gossip", "advertise", OPT_STR, OFF(advertise), 0, 0, "", NULL, "HOST:PORT",
+     "gossip: address peers dial to reach this node (default --listen)"},
+    {"fanout", "gossip", "fanout", OPT_U32, OFF(fanout), 0, 100000, "3", NULL, "N",
+     "gossip: peers each push goes to (0: every peer in the view)"},
+    {"gossip-interval", "gossip", "gossip_interval_s", OPT_DOUBLE, OFF(gossip_interval_s), 0.01,
+     1e7, "10", NULL, "SECONDS", "gossip: push at least this often, besides after each round"},
+    {"merge-after", "gossip", "merge_after", OPT_U32, OFF(merge_after), 0, 1024, "0", NULL, "N",
+     "gossip: merge when N received models are buffered (0: min(peers, fanout, 16))"},
+    {"merge-timeout", "gossip", "merge_timeout_s", OPT_DOUBLE, OFF(merge_timeout_s), 0, 1e7, "60",
+     NULL, "SECONDS", "gossip: merge a partial buffer once its oldest model is this old (0: never)"},
+    {"merge", "gossip", "merge", OPT_ENUM, OFF(merge_s), 0, 0, "variance-corrected",
+     "variance-corrected|plain", "METHOD", "gossip: how received models are merged"},
+    {"merge-self-weight", "gossip", "merge_self_weight", OPT_DOUBLE, OFF(merge_self_weight), 0, 1,
+     "0.5", NULL, "BETA", "gossip: weight of the own model in a merge (0: drop it)"},
+    {"round-interval", "gossip", "round_interval_s", OPT_DOUBLE, OFF(round_interval_s), 0, 1e7,
+     "0", NULL, "SECONDS", "gossip: local rounds start at most this often, +-20% (0: at once)"},
+    {"peer-sample", "gossip", "peer_sample", OPT_U32, OFF(peer_sample), 0, 64, "4", NULL, "N",
+     "gossip: known peers sent along with each push (0: no peer exchange)"},
+    {"max-peers", "gossip", "max_peers", OPT_U32, OFF(max_peers), 1, 100000, "32", NULL, "N",
+     "gossip: bound of the peer view"},
+    {"peer-max-failures", "gossip", "peer_max_failures", OPT_U32, OFF(peer_max_failures), 1,
+     1000000, "5", NULL, "N", "gossip: consecutive failures that drop a peer from the view"},
+    {"peer-prefix", "gossip", "peer_prefix", OPT_STR, OFF(peer_prefix), 0, 0, "peer-", NULL,
+     "TEXT", "gossip: peer certificates need a CN starting with TEXT (\"\": any CA-signed)"},
     /* [log] */
     {"log-level", "log", "level", OPT_ENUM, OFF(log_level_s), 0, 0, "notice",
      "err|warn|notice|info|debug", "L", "log verbosity"},
@@ -123,14 +160,15 @@ static int parse_bool(const char *v, int *out)
     return 0;
 }
 
-int options_set(struct config *c, const struct opt_def *o, const char *v, const char *origin)
+int options_set_msg(struct config *c, const struct opt_def *o, const char *v,
+                    const char *origin, char *msg, size_t msglen)
 {
     char *end;
     switch (o->type) {
     case OPT_STR:
     case OPT_ENUM: {
         if (o->type == OPT_ENUM && !choice_ok(o->choices, v)) {
-            fprintf(stderr, "cohortd: %s must be one of %s (got '%s')\n", origin, o->choices, v);
+            snprintf(msg, msglen, "%s must be one of %s (got '%s')", origin, o->choices, v);
             return -1;
         }
         char **dst = field(c, o);
@@ -143,7 +181,7 @@ int options_set(struct config *c, const struct opt_def *o, const char *v, const 
         errno = 0;
         unsigned long long x = strtoull(v, &end, 10);
         if (errno || end == v || *end || v[0] == '-' || (double)x < o->lo || (double)x > o->hi) {
-            fprintf(stderr, "cohortd: %s must be an integer between %.0f and %.0f (got '%s')\n",
+            snprintf(msg, msglen, "%s must be an integer between %.0f and %.0f (got '%s')",
                     origin, o->lo, o->hi, v);
             return -1;
         }
@@ -157,7 +195,7 @@ int options_set(struct config *c, const struct opt_def *o, const char *v, const 
         errno = 0;
         double x = strtod(v, &end);
         if (errno || end == v || *end || !isfinite(x) || x < o->lo || x > o->hi) {
-            fprintf(stderr, "cohortd: %s must be a number between %g and %g (got '%s')\n", origin,
+            snprintf(msg, msglen, "%s must be a number between %g and %g (got '%s')", origin,
                     o->lo, o->hi, v);
             return -1;
         }
@@ -168,7 +206,7 @@ int options_set(struct config *c, const struct opt_def *o, const char *v, const 
     case OPT_NBOOL: {
         int b;
         if (parse_bool(v, &b) < 0) {
-            fprintf(stderr, "cohortd: %s must be true or false (got '%s')\n", origin, v);
+            snprintf(msg, msglen, "%s must be true or false (got '%s')", origin, v);
             return -1;
         }
         *(int *)field(c, o) = b;
@@ -176,6 +214,16 @@ int options_set(struct config *c, const struct opt_def *o, const char *v, const 
     }
     }
     return -1;
+}
+
+int options_set(struct config *c, const struct opt_def *o, const char *v, const char *origin)
+{
+    char msg[512];
+    if (options_set_msg(c, o, v, origin, msg, sizeof msg) < 0) {
+        fprintf(stderr, "cohortd: %s\n", msg);
+        return -1;
+    }
+    return 0;
 }
 
 void options_defaults(struct config *c)
@@ -226,7 +274,10 @@ void options_usage(FILE *f)
             fprintf(f, "default %s; ", o->def);
         fprintf(f, "config %s.%s\n", o->section, o->key);
     }
-    fprintf(f, "\n  --version, --help\n");
+    fprintf(f, "\n  --config FILE              read options from FILE (INI; the command line wins)\n"
+               "  --check-config             check the file and the options, then exit (0 or 2)\n"
+               "  --print-config-example     write the commented example config file\n"
+               "  --version, --help\n");
 }
 
 int options_parse_argv(struct config *c, int argc, char **argv)
@@ -288,8 +339,13 @@ int options_finish(struct config *c)
     }
     if (c->vc_include_1d)
         c->variance_correction = 1;
+    /* Clients heartbeat at the announced interval; it must fit the idle timeout
+     * three times over or idle clients between rounds would be cut. */
+    if (c->heartbeat_ms > c->idle_timeout_ms / 3)
+        c->heartbeat_ms = c->idle_timeout_ms / 3 > 10 ? c->idle_timeout_ms / 3 : 10;
     c->durable = strcmp(c->durability_s, "full") == 0;
     c->log_level = coh_log_parse_level(c->log_level_s);
     c->log_json = strcmp(c->log_format_s, "json") == 0;
+    c->gossip = strcmp(c->mode_s, "gossip") == 0;
     return 0;
 }

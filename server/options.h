@@ -43,6 +43,9 @@ void options_defaults(struct config *c);
 /* Sets one option from text; origin names the source for messages ("--rounds",
  * "cohortd.conf:12"). Returns 0 or -1 after printing a sentence to stderr. */
 int options_set(struct config *c, const struct opt_def *o, const char *value, const char *origin);
+/* The same, but on error writes the sentence into msg instead of printing it. */
+int options_set_msg(struct config *c, const struct opt_def *o, const char *value,
+                    const char *origin, char *msg, size_t msglen);
 const struct opt_def *options_find_flag(const char *flag);
 const struct opt_def *options_find_key(const char *section, const char *key);
 /* Parses argv; returns 0 (go on), 1 (--help/--version printed: exit 0), 2 (usage error). */

@@ -17,7 +17,7 @@
 
 struct pstore {
     sqlite3 *db;
-    sqlite3_stmt *client_upsert, *client_id, *round_ins, *part_ins;
+    sqlite3_stmt *client_upsert, *client_id, *round_ins, *part_ins, *eval_ins;
 };
 
 static const char *schema =
@@ -53,7 +53,15 @@ static const char *schema =
     "  duration_s REAL,"
     "  reason TEXT,"
     "  PRIMARY KEY (round, client));"
-    "CREATE INDEX IF NOT EXISTS participation_client ON participation(client, round);";
+    "CREATE INDEX IF NOT EXISTS participation_client ON participation(client, round);"
+    /* Evaluation reports: metrics of the global model after `round`, per evaluator. */
+    "CREATE TABLE IF NOT EXISTS eval_metrics("
+    "  round INTEGER NOT NULL,"
+    "  client INTEGER NOT NULL REFERENCES clients(id),"
+    "  name TEXT NOT NULL,"
+    "  value REAL,"
+    "  reported_at TEXT NOT NULL,"
+    "  PRIMARY KEY (round, client, name));";
 
 static int fail(char *err, size_t errlen, sqlite3 *db, const char *what)
 {
@@ -92,10 +100,22 @@ int pstore_open(struct pstore **out, const char *path, char *err, size_t errlen)
     }
     if (!ver[0])
         pstore_meta_set(p, "schema_version", SCHEMA_VERSION);
+    /* clients.role came after schema 1 shipped; added in place, older rows are trainers. */
+    sqlite3_stmt *probe = NULL;
+    if (sqlite3_prepare_v2(p->db, "SELECT role FROM clients LIMIT 0", -1, &probe, NULL) !=
+        SQLITE_OK) {
+        if (sqlite3_exec(p->db, "ALTER TABLE clients ADD COLUMN role TEXT NOT NULL DEFAULT "
+                         "'trainer'", NULL, NULL, NULL) != SQLITE_OK) {
+            sqlite3_finalize(probe);
+            fail(err, errlen, p->db, "adding clients.role");
+            goto bad;
+        }
+    }
+    sqlite3_finalize(probe);
     if (sqlite3_prepare_v2(p->db,
-                           "INSERT INTO clients(name, first_seen, last_seen, num_examples, connects)"
-                           " VALUES(?1, ?2, ?2, ?3, 1) ON CONFLICT(name) DO UPDATE SET"
-                           " last_seen=?2, num_examples=?3, connects=connects+1",
+                           "INSERT INTO clients(name, first_seen, last_seen, num_examples, connects,"
+                           " role) VALUES(?1, ?2, ?2, ?3, 1, ?4) ON CONFLICT(name) DO UPDATE SET"
+                           " last_seen=?2, num_examples=?3, connects=connects+1, role=?4",
                            -1, &p->client_upsert, NULL) != SQLITE_OK ||
         sqlite3_prepare_v2(p->db, "SELECT id FROM clients WHERE name=?1", -1, &p->client_id,
                            NULL) != SQLITE_OK ||
@@ -109,7 +129,11 @@ int pstore_open(struct pstore **out, const char *path, char *err, size_t errlen)
                            "INSERT INTO participation(round, client, status, num_examples, weight,"
                            " train_loss, bytes, duration_s, reason)"
                            " VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9)",
-                           -1, &p->part_ins, NULL) != SQLITE_OK) {
+                           -1, &p->part_ins, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(p->db,
+                           "INSERT OR REPLACE INTO eval_metrics(round, client, name, value, "
+                           "reported_at) VALUES(?1,?2,?3,?4,?5)",
+                           -1, &p->eval_ins, NULL) != SQLITE_OK) {
         fail(err, errlen, p->db, "preparing statements");
         goto bad;
     }
@@ -128,6 +152,7 @@ void pstore_close(struct pstore *p)
     sqlite3_finalize(p->client_id);
     sqlite3_finalize(p->round_ins);
     sqlite3_finalize(p->part_ins);
+    sqlite3_finalize(p->eval_ins);
     sqlite3_close(p->db);
     free(p);
 }
@@ -145,12 +170,19 @@ void pstore_set_durable(struct pstore *p, int durable)
 
 int pstore_client_seen(struct pstore *p, const char *name, uint64_t num_examples, int64_t *id)
 {
+    return pstore_client_seen_role(p, name, "trainer", num_examples, id);
+}
+
+int pstore_client_seen_role(struct pstore *p, const char *name, const char *role,
+                            uint64_t num_examples, int64_t *id)
+{
     char now[32];
     server_iso_now(now, sizeof now);
     sqlite3_reset(p->client_upsert);
     sqlite3_bind_text(p->client_upsert, 1, name, -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(p->client_upsert, 2, now, -1, SQLITE_TRANSIENT);
     sqlite3_bind_int64(p->client_upsert, 3, (sqlite3_int64)num_examples);
+    sqlite3_bind_text(p->client_upsert, 4, role, -1, SQLITE_TRANSIENT);
     if (sqlite3_step(p->client_upsert) != SQLITE_DONE) {
         coh_err("pstore", "registering client %s: %s", name, sqlite3_errmsg(p->db));
         return COHORT_ESTORE;
@@ -167,7 +199,8 @@ int pstore_client_seen(struct pstore *p, const char *name, uint64_t num_examples
 int pstore_count_clients(struct pstore *p, uint64_t *n)
 {
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(p->db, "SELECT count(*) FROM clients", -1, &st, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(p->db, "SELECT count(*) FROM clients WHERE role='trainer'", -1,
+                           &st, NULL) != SQLITE_OK)
         return COHORT_ESTORE;
     int rc = COHORT_ESTORE;
     if (sqlite3_step(st) == SQLITE_ROW) {
@@ -319,4 +352,34 @@ int pstore_meta_set(struct pstore *p, const char *key, const char *value)
     int rc = sqlite3_step(st) == SQLITE_DONE ? 0 : COHORT_ESTORE;
     sqlite3_finalize(st);
     return rc;
+}
+
+int pstore_eval_record(struct pstore *p, uint64_t round, int64_t client_id,
+                       const char *const *names, const double *values, size_t n)
+{
+    char now[32];
+    server_iso_now(now, sizeof now);
+    if (sqlite3_exec(p->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
+        goto bad;
+    for (size_t i = 0; i < n; i++) {
+        sqlite3_stmt *st = p->eval_ins;
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        sqlite3_bind_int64(st, 1, (sqlite3_int64)round);
+        sqlite3_bind_int64(st, 2, client_id);
+        sqlite3_bind_text(st, 3, names[i], -1, SQLITE_TRANSIENT);
+        if (isfinite(values[i]))
+            sqlite3_bind_double(st, 4, values[i]);
+        sqlite3_bind_text(st, 5, now, -1, SQLITE_TRANSIENT);
+        if (sqlite3_step(st) != SQLITE_DONE)
+            goto bad;
+    }
+    if (sqlite3_exec(p->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK)
+        goto bad;
+    return 0;
+bad:
+    coh_err("pstore", "recording the evaluation of round %llu failed: %s",
+            (unsigned long long)round, sqlite3_errmsg(p->db));
+    sqlite3_exec(p->db, "ROLLBACK", NULL, NULL, NULL);
+    return COHORT_ESTORE;
 }

@@ -24,8 +24,12 @@ sqlite3 *pstore_db(struct pstore *p);
 void pstore_set_durable(struct pstore *p, int durable);
 
 /* Registers a client by certificate name (or refreshes last_seen); *id gets
- * its row id. */
+ * its row id. pstore_client_seen registers a trainer; _role records the role
+ * of the latest Hello ("trainer" or "evaluator"). */
 int pstore_client_seen(struct pstore *p, const char *name, uint64_t num_examples, int64_t *id);
+int pstore_client_seen_role(struct pstore *p, const char *name, const char *role,
+                            uint64_t num_examples, int64_t *id);
+/* Trainers registered (evaluators do not count: they are not part of N). */
 int pstore_count_clients(struct pstore *p, uint64_t *n);
 /* Name of a client id into buf ("" if unknown). */
 int pstore_client_name(struct pstore *p, int64_t id, char *buf, size_t len);
@@ -56,6 +60,11 @@ struct pstore_round {
  * extra may be NULL. On failure nothing is written. */
 int pstore_commit_round(struct pstore *p, const struct pstore_round *r, const struct part *parts,
                         size_t nparts, int (*extra)(sqlite3 *db, void *arg), void *extra_arg);
+
+/* Stores one evaluation report (metrics of the global model after round), in
+ * one transaction; a metric reported again for the same round replaces it. */
+int pstore_eval_record(struct pstore *p, uint64_t round, int64_t client_id,
+                       const char *const *names, const double *values, size_t n);
 
 /* Meta key/value (schema version, strategy, model layout). */
 int pstore_meta_get(struct pstore *p, const char *key, char *buf, size_t len);

@@ -21,7 +21,9 @@
 #include "conn.h"
 #include "varcorr.h"
 #include "fold.h"
+#include "gossip.h"
 #include "log.h"
+#include "metrics.h"
 #include "pstore.h"
 #include "safetensors.h"
 #include "server.h"
@@ -38,6 +40,7 @@ struct fold_job {
     size_t n;
     float weight;
     float *acc;
+    double fold_s;              /* time the fold took (pool thread) */
     /* Variance correction: Var(x + delta) per eligible tensor, computed while the
      * update is hot, so the round needs no second pass over the updates. */
     const struct coh_model *global;
@@ -69,6 +72,10 @@ static struct fold_job *fq_head, *fq_tail;
 static int fold_running;
 static int finalize_running;
 static uv_timer_t grant_timer;
+/* After the last round: how long evaluators get to report on the final model. */
+#define FINAL_EVAL_WAIT_MS 30000
+static uv_timer_t final_eval_timer;
+static double final_eval_deadline;      /* loop seconds */
 
 static void check_close(struct server *s);
 static void start_fold(struct server *s);
@@ -117,6 +124,8 @@ int round_init(struct server *s)
     memset(&s->cur, 0, sizeof s->cur);
     s->cur.phase = PHASE_WAITING;
     uv_timer_init(s->loop, &grant_timer);
+    uv_timer_init(s->loop, &final_eval_timer);
+    final_eval_timer.data = s;
     grant_timer.data = s;
     uv_timer_init(s->loop, &s->round_timer);
     s->round_timer.data = s;
@@ -134,10 +143,12 @@ void round_fini(struct server *s)
     free(s->slot_waiters);
     s->slot_waiters = NULL;
     uv_close((uv_handle_t *)&grant_timer, NULL);
+    uv_close((uv_handle_t *)&final_eval_timer, NULL);
     uv_close((uv_handle_t *)&s->round_timer, NULL);
 }
 
-static void send_offer(struct server *s, struct conn *c)
+/* eval = 1: the evaluation offer of the current global model to an evaluator. */
+static void send_offer(struct server *s, struct conn *c, int eval)
 {
     struct coh_model *g = &s->global;
     Cohort__TensorInfo *infos = calloc(g->ntensors ? g->ntensors : 1, sizeof *infos);
@@ -156,7 +167,7 @@ static void send_offer(struct server *s, struct conn *c)
         ptrs[i] = &infos[i];
     }
     Cohort__RoundOffer o = COHORT__ROUND_OFFER__INIT;
-    o.round = s->cur.id;
+    o.round = eval ? s->blob->round : s->cur.id;
     o.n_tensors = g->ntensors;
     o.tensors = ptrs;
     o.total_bytes = s->blob->total_bytes;
@@ -164,13 +175,21 @@ static void send_offer(struct server *s, struct conn *c)
     o.model_sha256.data = s->blob->sha256;
     o.model_sha256.len = 32;
     double left = s->cur.deadline_at - server_now(s);
-    o.deadline_s = left > 0 ? left : 0;
+    o.deadline_s = left > 0 && !eval ? left : 0;
     Cohort__Envelope e = COHORT__ENVELOPE__INIT;
     e.body_case = COHORT__ENVELOPE__BODY_ROUND_OFFER;
     e.round_offer = &o;
-    /* Whatever the client sent up to now cannot be an answer to this offer. */
-    c->offer_rx_mark = c->bytes_in;
-    c->offered_round = s->cur.id;
+    if (eval) {
+        /* The blob holds x_t, offered for round t + 1: it is the model after round t. */
+        o.evaluate_only = 1;
+        o.model_round = s->blob->round - 1;
+        c->eval_busy = 1;
+        c->eval_round = o.model_round;
+    } else {
+        /* Whatever the client sent up to now cannot be an answer to this offer. */
+        c->offer_rx_mark = c->bytes_in;
+        c->offered_round = s->cur.id;
+    }
     /* A client still downloading an earlier round's model must get it whole
      * before the new offer starts, or its stream would be cut mid-model. */
     conn_finish_blob(c);
@@ -219,7 +238,7 @@ static void offer(struct server *s, struct conn *c)
         conn_close(c, "out of memory recording the offer");
         return;
     }
-    send_offer(s, c);
+    send_offer(s, c, 0);
 }
 
 static void on_deadline(uv_timer_t *t)
@@ -261,6 +280,8 @@ void round_maybe_start(struct server *s)
         return;
     if (s->nready < s->cfg.min_clients)
         return;
+    if (s->gossip && gossip_hold_round(s))
+        return; /* a merge comes first, or --round-interval has not passed */
     r->id = s->last_committed + 1;
     r->nparts = 0;
     r->uploads_active = 0;
@@ -288,7 +309,7 @@ void round_maybe_start(struct server *s)
     coh_notice("round", "round %llu: open, offered to %u clients (deadline %.0f s)",
                (unsigned long long)r->id, s->nready, s->cfg.round_timeout_s);
     for (struct conn *c = s->conn_list; c; c = c->next)
-        if (c->state == CONN_READY)
+        if (c->state == CONN_READY && !c->evaluator)
             offer(s, c);
     /* Uploads queued for a slot during the last round now get their refusal. */
     if (s->nwaiters)
@@ -301,6 +322,90 @@ void round_client_ready(struct server *s, struct conn *c)
         offer(s, c);
     else
         round_maybe_start(s);
+}
+
+/* After the final round: shut down once no evaluator is still testing it, or
+ * at the deadline. */
+static void final_eval_check(struct server *s)
+{
+    if (s->cur.phase != PHASE_DONE || s->stopping)
+        return;
+    if (server_now(s) < final_eval_deadline) {
+        for (struct conn *c = s->conn_list; c; c = c->next)
+            if (c->state == CONN_READY && c->evaluator && c->eval_busy)
+                return;
+    }
+    uv_timer_stop(&final_eval_timer);
+    server_shutdown(s, 1, "all rounds are done");
+}
+
+static void on_final_eval_wait(uv_timer_t *t)
+{
+    final_eval_check(t->data);
+}
+
+void round_eval_ready(struct server *s, struct conn *c)
+{
+    if (s->blob && !s->stopping)
+        send_offer(s, c, 1);
+}
+
+/* Metric names become store rows and Prometheus label values: keep them tame. */
+static int metric_name_ok(const char *n)
+{
+    size_t len = n ? strlen(n) : 0;
+    if (len == 0 || len > 63)
+        return 0;
+    for (size_t i = 0; i < len; i++) {
+        char ch = n[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '_' || ch == '.' || ch == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+void round_on_eval_report(struct server *s, struct conn *c, const Cohort__EvalReport *m)
+{
+    char label[400];
+    if (!c->eval_busy || m->round != c->eval_round) {
+        coh_warn("round", "%s: evaluation report for round %llu was not asked for",
+                 conn_label(c, label, sizeof label), (unsigned long long)m->round);
+        conn_send_error(c, COHORT_EROUND, m->round, 0,
+                        "no evaluation of round %llu was requested from this connection",
+                        (unsigned long long)m->round);
+        return;
+    }
+    c->eval_busy = 0;
+    const char *names[16];
+    double values[16];
+    size_t n = 0;
+    char text[600];
+    size_t used = 0;
+    text[0] = '\0';
+    for (size_t i = 0; i < m->n_metrics && n < 16; i++) {
+        const Cohort__EvalReport__MetricsEntry *me = m->metrics[i];
+        if (!metric_name_ok(me->key))
+            continue;
+        names[n] = me->key;
+        values[n] = me->value;
+        int k = snprintf(text + used, sizeof text - used, "%s%s=%.4g", n ? " " : "", me->key,
+                         me->value);
+        if (k > 0 && (size_t)k < sizeof text - used)
+            used += (size_t)k;
+        n++;
+    }
+    if (n < m->n_metrics)
+        coh_warn("round", "%s: %zu metric(s) of the evaluation report ignored (bad name or more "
+                 "than 16)", conn_label(c, label, sizeof label), m->n_metrics - n);
+    if (n > 0 && pstore_eval_record(s->store, m->round, c->client_id, names, values, n) == 0)
+        metrics_eval_report(m->round, names, values, n);
+    coh_notice("round", "round %llu: evaluated by %s: %s", (unsigned long long)m->round, c->name,
+               n ? text : "(no metrics)");
+    /* Rounds committed meanwhile: evaluate the newest model next. */
+    if (c->eval_round + 1 < s->blob->round && !s->stopping)
+        send_offer(s, c, 1);
+    final_eval_check(s);
 }
 
 void round_handover(struct server *s, struct conn *old, struct conn *c)
@@ -319,11 +424,20 @@ void round_handover(struct server *s, struct conn *old, struct conn *c)
 
 int round_awaits(struct server *s, const struct conn *c)
 {
-    return s->cur.phase == PHASE_OPEN && c->offered_round == s->cur.id;
+    /* Until the round is committed the client may be waiting for its result. */
+    int p = s->cur.phase;
+    return (p == PHASE_OPEN || p == PHASE_CLOSING || p == PHASE_COMMITTING) &&
+           c->offered_round == s->cur.id;
 }
 
 void round_conn_gone(struct server *s, struct conn *c, const char *why)
 {
+    if (c->evaluator) {
+        /* The final evaluation may have been all that kept the server up. */
+        if (s->cur.phase == PHASE_DONE && !s->stopping)
+            uv_timer_start(&final_eval_timer, on_final_eval_wait, 0, 0);
+        return;
+    }
     for (size_t i = 0; i < s->nwaiters; i++) {
         if (s->slot_waiters[i] == c) {
             memmove(&s->slot_waiters[i], &s->slot_waiters[i + 1],
@@ -361,6 +475,7 @@ static void reject(struct server *s, struct conn *c, struct part *p, int code, c
              conn_label(c, label, sizeof label), msg);
     if (p) {
         p->status = PART_REJECTED;
+        p->err = code;
         p->finished = server_now(s);
         snprintf(p->reason, sizeof p->reason, "%s", msg);
     }
@@ -550,6 +665,7 @@ void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_vie
 static void fold_work(uv_work_t *req)
 {
     struct fold_job *j = req->data;
+    double t0 = metrics_now();
     fold_accumulate(j->acc, j->delta, j->n, j->weight);
     if (j->vars) {
         const struct coh_model *g = j->global;
@@ -562,6 +678,7 @@ static void fold_work(uv_work_t *req)
                            &j->vars[t]);
         }
     }
+    j->fold_s = metrics_now() - t0;
 }
 
 static void fold_done(uv_work_t *req, int status)
@@ -569,6 +686,7 @@ static void fold_done(uv_work_t *req, int status)
     struct fold_job *j = req->data;
     struct server *s = j->s;
     fold_running = 0;
+    metrics_fold_seconds(j->fold_s);
     s->cur.folds_inflight--;
     free(j->delta);
     j->delta = NULL;
@@ -767,14 +885,19 @@ static void finalize_work(uv_work_t *req)
         snprintf(j->err, sizeof j->err, "the new model is not finite (server_lr too large?)");
         return;
     }
-    j->rc = coh_st_save(j->path, &j->next, j->durable, j->sha);
-    if (j->rc < 0) {
-        snprintf(j->err, sizeof j->err, "writing %s: %s", j->path, cohort_strerror(j->rc));
-        return;
+    /* Gossip mode keeps no per-round checkpoint (gossip.c writes model.safetensors). */
+    if (j->path[0]) {
+        j->rc = coh_st_save(j->path, &j->next, j->durable, j->sha);
+        if (j->rc < 0) {
+            snprintf(j->err, sizeof j->err, "writing %s: %s", j->path, cohort_strerror(j->rc));
+            return;
+        }
     }
     j->rc = blob_build(&j->next, j->round + 1, j->chunk_bytes, &j->blob);
     if (j->rc < 0)
         snprintf(j->err, sizeof j->err, "serializing the model: %s", cohort_strerror(j->rc));
+    else if (!j->path[0])
+        memcpy(j->sha, j->blob->sha256, 32);
 }
 
 struct commit_arg {
@@ -855,7 +978,10 @@ static void finalize_done(uv_work_t *req, int status)
     struct round_ctx ctx = {.round = j->round, .parts = r->parts, .nparts = r->nparts,
                             .store = s->store, .cfg = &s->cfg};
     struct commit_arg ca = {s, &ctx};
-    if (pstore_commit_round(s->store, &pr, r->parts, r->nparts, commit_extra, &ca) < 0) {
+    double commit_t0 = metrics_now();
+    int commit_rc = pstore_commit_round(s->store, &pr, r->parts, r->nparts, commit_extra, &ca);
+    metrics_store_commit_seconds(metrics_now() - commit_t0);
+    if (commit_rc < 0) {
         coh_err("round", "round %llu: the store refused the commit; stopping so no round is "
                 "lost (check disk space and %s/cohort.db)",
                 (unsigned long long)j->round, s->cfg.state_dir);
@@ -872,6 +998,7 @@ static void finalize_done(uv_work_t *req, int status)
     blob_unref(s->blob);
     s->blob = j->blob;
     s->last_committed = j->round;
+    gossip_on_commit(s);
     free(r->acc);
     r->acc = NULL;
     free(j->vc_target);
@@ -881,10 +1008,22 @@ static void finalize_done(uv_work_t *req, int status)
                (unsigned long long)j->round, participants, offered, (unsigned long long)examples,
                mean_loss, pr.duration_s, pr.close_reason);
     free(j);
+    metrics_round_committed(r->parts, r->nparts, participants, pr.duration_s);
     int final = s->cfg.rounds && s->last_committed >= s->cfg.rounds;
     broadcast_result(s, participants, mean_loss, final);
+    for (struct conn *c = s->conn_list; c; c = c->next)
+        if (c->state == CONN_READY && c->evaluator && !c->eval_busy)
+            send_offer(s, c, 1);
     if (final) {
         r->phase = PHASE_DONE;
+        /* Evaluators still testing the final model get a moment to report it. */
+        if (s->nevaluators > 0) {
+            coh_info("round", "all rounds are done; waiting up to %d s for the evaluation of "
+                     "round %llu", FINAL_EVAL_WAIT_MS / 1000, (unsigned long long)s->last_committed);
+            final_eval_deadline = server_now(s) + FINAL_EVAL_WAIT_MS / 1000.0;
+            uv_timer_start(&final_eval_timer, on_final_eval_wait, FINAL_EVAL_WAIT_MS + 10, 0);
+            return;
+        }
         server_shutdown(s, 1, "all rounds are done");
         return;
     }
@@ -942,6 +1081,11 @@ static void finalize(struct server *s)
              (unsigned long long)r->id);
     snprintf(j->path, sizeof j->path, "%s/checkpoints/round-%06llu.safetensors", s->cfg.state_dir,
              (unsigned long long)r->id);
+    if (s->gossip) {
+        /* rounds.sha256 then holds the sha256 of the model data (docs/gossip.md). */
+        snprintf(j->relpath, sizeof j->relpath, "model.safetensors");
+        j->path[0] = '\0';
+    }
     j->req.data = j;
     finalize_running = 1;
     uv_queue_work(s->loop, &j->req, finalize_work, finalize_done);

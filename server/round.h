@@ -18,6 +18,9 @@ void round_fini(struct server *s);
 /* Opens the next round when enough clients are ready. */
 void round_maybe_start(struct server *s);
 void round_client_ready(struct server *s, struct conn *c);
+/* An evaluator completed Hello: it gets the current global model to test. */
+void round_eval_ready(struct server *s, struct conn *c);
+void round_on_eval_report(struct server *s, struct conn *c, const Cohort__EvalReport *m);
 void round_conn_gone(struct server *s, struct conn *c, const char *why);
 /* Returns 1 when it kept e (the upload waits for a slot), 0 when the caller frees it. */
 int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e);
@@ -27,7 +30,8 @@ void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m
 void round_slot_freed(struct server *s);
 /* A newer connection of the same client takes over old's offer in the open round. */
 void round_handover(struct server *s, struct conn *old, struct conn *c);
-/* 1 when the open round was offered to c (its silence is then training, not idling). */
+/* 1 while the current round, offered to c, is not committed yet (its silence is
+ * then training or waiting for the result, not idling). */
 int round_awaits(struct server *s, const struct conn *c);
 /* The upload of c passed --upload-timeout-ms: drop it and close c. */
 void round_upload_expired(struct server *s, struct conn *c);

@@ -53,6 +53,25 @@ struct config {
     /* Text forms of enum options; log_level, log_json and durable derive from them. */
     char *log_level_s, *log_format_s, *durability_s;
     char *config_file;
+    char *http;                 /* admin HTTP endpoint HOST:PORT or PORT; NULL: off */
+    char *http_token;           /* bearer token required by the HTTP endpoint; NULL: none */
+    /* Gossip mode (server/gossip.c, docs/gossip.md). */
+    char *mode_s;               /* fl | gossip */
+    int gossip;                 /* derived: --mode gossip */
+    char *peers;                /* seed list HOST:PORT,... */
+    char *peers_file;           /* seed file, one HOST:PORT per line */
+    char *advertise;            /* HOST:PORT peers dial; default --listen */
+    uint32_t fanout;            /* peers per push; 0 = every peer in the view */
+    double gossip_interval_s;   /* push at least this often */
+    uint32_t merge_after;       /* buffered models that trigger a merge; 0 = auto */
+    double merge_timeout_s;     /* merge a partial buffer this old; 0 = never */
+    char *merge_s;              /* variance-corrected | plain */
+    double merge_self_weight;   /* beta */
+    double round_interval_s;    /* local rounds start at most this often (+-20%); 0 = at once */
+    uint32_t peer_sample;       /* peers sent with each push (peer exchange); 0 = off */
+    uint32_t max_peers;         /* bound of the peer view */
+    uint32_t peer_max_failures; /* consecutive failures that drop a peer */
+    char *peer_prefix;          /* required CN prefix of peer certificates */
 };
 
 void config_defaults(struct config *c);
@@ -99,6 +118,7 @@ struct part {
     double train_loss;
     uint64_t bytes;
     double started, finished;   /* seconds (loop clock) */
+    int err;                    /* REJECTED: the COHORT_E* code sent to the client */
     char reason[160];
 };
 
@@ -140,6 +160,7 @@ struct server {
     struct conn *conn_list;
     uint64_t next_conn_id;
     uint32_t nconns, nready;
+    uint32_t nevaluators;       /* READY connections with Hello.role "evaluator" (not in nready) */
 
     struct conn **slot_waiters; /* connections waiting for an upload slot (FIFO) */
     size_t nwaiters, capwaiters;
@@ -147,6 +168,7 @@ struct server {
     char **allowed;             /* sorted allow-list, NULL: every CA-signed client */
     size_t nallowed;
 
+    struct gossip *gossip;      /* gossip mode state, NULL in fl mode */
     int stopping;               /* shutting down: no new rounds */
     int exit_code;
     uint8_t readbuf[65536];     /* shared by all reads: consumed inside read_cb */

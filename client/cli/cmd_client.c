@@ -24,7 +24,7 @@
 #include "rng.h"
 #include "safetensors.h"
 
-enum trainer_kind { T_NONE, T_FMNIST, T_UPDATE, T_EXEC };
+enum trainer_kind { T_NONE, T_FMNIST, T_UPDATE, T_EXEC, T_EVAL };
 
 struct client_ctx {
     int kind;
@@ -42,6 +42,8 @@ struct client_ctx {
     char tmpdir[256];
     int verbose;
     struct participation pattern;
+    /* evaluate */
+    struct fmnist test;
 };
 
 static cohort_client *the_client;
@@ -221,9 +223,35 @@ static int train_exec(struct client_ctx *x, struct cohort_round *r)
     return 0;
 }
 
+/* Evaluator: accuracy and loss of the global model on the Fashion-MNIST test set. */
+static int eval_fmnist(struct client_ctx *x, struct cohort_round *r)
+{
+    struct coh_model m;
+    char err[512];
+    int rc = round_model(r, (float *)r->global, &m);
+    if (rc < 0)
+        return rc;
+    double acc = NAN, loss = NAN;
+    rc = nn_eval(&m, &x->test, &acc, &loss, err, sizeof err);
+    round_model_release(&m);
+    if (rc < 0) {
+        fprintf(stderr, "client: round %llu: evaluation failed: %s\n",
+                (unsigned long long)r->model_round, err);
+        return rc;
+    }
+    cohort_round_add_metric(r, "accuracy", acc);
+    cohort_round_add_metric(r, "loss", loss);
+    if (x->verbose)
+        fprintf(stderr, "client: round %llu: test accuracy %.4f, loss %.4f (%zu examples)\n",
+                (unsigned long long)r->model_round, acc, loss, x->test.n);
+    return 0;
+}
+
 static int train_cb(struct cohort_round *r, void *user)
 {
     struct client_ctx *x = user;
+    if (r->evaluate)
+        return x->kind == T_EVAL ? eval_fmnist(x, r) : COHORT_EINVAL;
     if (!participation_next(&x->pattern)) {
         r->decline = 1;
         snprintf(r->decline_reason, sizeof r->decline_reason, "inactive (participation pattern)");
@@ -253,6 +281,9 @@ static void usage(FILE *f)
             "  --exec 'CMD'              run CMD GLOBAL.safetensors UPDATE.safetensors each round;\n"
             "                            CMD writes the update (trained minus global) to the second\n"
             "                            path; COHORT_ROUND is set; --examples N is its weight\n"
+            "  --evaluate                train nothing: test each new global model on the\n"
+            "                            Fashion-MNIST test set (from --data-dir) and report its\n"
+            "                            accuracy and loss to the server (role \"evaluator\")\n"
             "\n"
             "fmnist trainer:\n"
             "  --partition I/N           this client's share of the training set (default 1/1)\n"
@@ -297,7 +328,7 @@ int client_main(int argc, char **argv)
         {"seed", 1, 0, 'r'}, {"local-steps", 1, 0, 'l'}, {"batch", 1, 0, 'b'},
         {"lr", 1, 0, 'L'}, {"data-dir", 1, 0, 'd'}, {"once", 0, 0, 'o'},
         {"server-name", 1, 0, 'N'}, {"max-attempts", 1, 0, 'm'}, {"retry-ms", 1, 0, 'R'},
-        {"verbose", 0, 0, 'v'}, {"participation", 1, 0, 'P'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+        {"verbose", 0, 0, 'v'}, {"evaluate", 0, 0, 'E'}, {"participation", 1, 0, 'P'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
     const char *server = NULL, *ca = NULL, *cert = NULL, *key = NULL, *trainer = NULL;
     const char *update = NULL, *split = "iid", *data_dir = FMNIST_DEFAULT_DIR, *sname = NULL;
     const char *pattern = "always";
@@ -366,6 +397,7 @@ int client_main(int argc, char **argv)
             }
             break;
         case 'v': x.verbose = 1; break;
+        case 'E': x.kind = T_EVAL; break;
         case 'P': pattern = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -375,10 +407,10 @@ int client_main(int argc, char **argv)
         fprintf(stderr, "cohort client: --server and --ca are required (cohort client --help)\n");
         return 2;
     }
-    int ntrainers = (trainer != NULL) + (update != NULL) + (x.cmd != NULL);
+    int ntrainers = (trainer != NULL) + (update != NULL) + (x.cmd != NULL) + (x.kind == T_EVAL);
     if (ntrainers != 1) {
         fprintf(stderr, "cohort client: give exactly one of --trainer fmnist, --update FILE, "
-                        "--exec CMD\n");
+                        "--exec CMD, --evaluate\n");
         return 2;
     }
     char err[512];
@@ -389,7 +421,12 @@ int client_main(int argc, char **argv)
         return 2;
     }
     participation_init(&x.pattern, &pspec, -1, seed * 7919u + 17u);
-    if (trainer) {
+    if (x.kind == T_EVAL) {
+        if (fmnist_load(data_dir, 0, &x.test, err, sizeof err) < 0) {
+            fprintf(stderr, "cohort client: %s\n", err);
+            return 1;
+        }
+    } else if (trainer) {
         if (strcmp(trainer, "fmnist") != 0) {
             fprintf(stderr, "cohort client: unknown trainer '%s' (known: fmnist)\n", trainer);
             return 2;
@@ -439,6 +476,8 @@ int client_main(int argc, char **argv)
         (sname && (rc = cohort_opts_set_server_name(op, sname)) < 0) ||
         (rc = cohort_opts_set_num_examples(op, examples)) < 0 ||
         (rc = cohort_opts_set_once(op, once)) < 0 ||
+        (rc = cohort_opts_set_role(op, x.kind == T_EVAL ? COHORT_ROLE_EVALUATOR
+                                                        : COHORT_ROLE_TRAINER)) < 0 ||
         (rc = cohort_opts_set_reconnect(op, rmin, rmax, (uint32_t)max_attempts)) < 0 ||
         (rc = cohort_opts_set_log(op, log_cb, NULL, x.verbose ? COHORT_LOG_INFO : COHORT_LOG_WARN)) < 0 ||
         (rc = cohort_opts_set_event_fn(op, event_cb, &x)) < 0) {
@@ -480,6 +519,7 @@ out:
         rmdir(x.tmpdir);
     }
     fmnist_free(&x.train);
+    fmnist_free(&x.test);
     free(x.idx);
     coh_model_fini(&x.update);
     return rc;

@@ -110,9 +110,9 @@ int demo_main(int argc, char **argv)
     static const struct option opts[] = {
         {"dir", 1, 0, 'd'}, {"clients", 1, 0, 'c'}, {"rounds", 1, 0, 'r'}, {"arch", 1, 0, 'a'},
         {"local-steps", 1, 0, 'l'}, {"batch", 1, 0, 'b'}, {"lr", 1, 0, 'L'}, {"port", 1, 0, 'p'},
-        {"split", 1, 0, 's'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+        {"split", 1, 0, 's'}, {"http-port", 1, 0, 'H'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
     const char *dir = "cohort-demo", *arch = "mlp", *split = "iid";
-    uint64_t nclients = 10, rounds = 10, steps = 600, batch = 32, port = 0;
+    uint64_t nclients = 10, rounds = 10, steps = 600, batch = 32, port = 0, http_port = 0;
     double lr = 0.1;
     int o;
     optind = 1;
@@ -139,12 +139,17 @@ int demo_main(int argc, char **argv)
             if (cli_u64("demo", "--port", optarg, 1, 65535, &port) < 0) return 2;
             break;
         case 's': split = optarg; break;
+        case 'H':
+            if (cli_u64("demo", "--http-port", optarg, 1, 65535, &http_port) < 0) return 2;
+            break;
         case 'h':
             printf("usage: cohort demo [--dir DIR] [--clients N] [--rounds R] [--arch mlp|softmax]\n"
                    "                   [--local-steps K] [--batch B] [--lr LR] [--split iid|dirichlet:A]\n"
-                   "                   [--port P]\n"
-                   "Runs cohortd and N clients on 127.0.0.1 over mutual TLS (defaults: 10 clients,\n"
-                   "10 rounds, MLP 784-128-10, IID split, 600 local steps of batch 32, lr 0.1).\n"
+                   "                   [--port P] [--http-port P]\n"
+                   "Runs cohortd, N clients and one evaluator on 127.0.0.1 over mutual TLS\n"
+                   "(defaults: 10 clients, 10 rounds, MLP 784-128-10, IID split, 600 local steps\n"
+                   "of batch 32, lr 0.1). cohortd serves its dashboard on 127.0.0.1 (--http-port,\n"
+                   "default: a free port) while the demo runs; the URL is printed at the start.\n"
                    "Files go to DIR (default ./cohort-demo): certs/, state/ (cohort.db,\n"
                    "checkpoints/), logs/.\n");
             return 0;
@@ -185,6 +190,30 @@ int demo_main(int argc, char **argv)
     close(saved);
     if (null)
         fclose(null);
+    if (rc == 0) {
+        /* The evaluator's certificate, from the same CA. */
+        char cacert[4300], cakey[4300];
+        snprintf(cacert, sizeof cacert, "%s/ca.pem", cdir);
+        snprintf(cakey, sizeof cakey, "%s/ca.key", cdir);
+        char *eargv[] = {"certs", "--out", cdir, "--ca-cert", cacert, "--ca-key", cakey,
+                         "--clients", "1", "--name-prefix", "evaluator-", NULL};
+        saved = dup(1);
+        int saved2 = dup(2);
+        null = fopen("/dev/null", "w");
+        if (null) {
+            dup2(fileno(null), 1);
+            dup2(fileno(null), 2); /* certs warns that the demo CA outlives nothing */
+        }
+        rc = certs_main(11, eargv);
+        fflush(stdout);
+        fflush(stderr);
+        dup2(saved, 1);
+        dup2(saved2, 2);
+        close(saved);
+        close(saved2);
+        if (null)
+            fclose(null);
+    }
     if (rc != 0) {
         fprintf(stderr, "cohort demo: making certificates failed\n");
         return 1;
@@ -209,7 +238,13 @@ int demo_main(int argc, char **argv)
 
     if (!port)
         port = (uint64_t)free_port();
-    char listen[64], rbuf[32], ca[4300], scert[4300], skey[4300], logp[4300];
+    if (!http_port) {
+        do
+            http_port = (uint64_t)free_port();
+        while (http_port == port);
+    }
+    char listen[64], rbuf[32], ca[4300], scert[4300], skey[4300], logp[4300], http[64];
+    snprintf(http, sizeof http, "127.0.0.1:%llu", (unsigned long long)http_port);
     snprintf(listen, sizeof listen, "127.0.0.1:%llu", (unsigned long long)port);
     snprintf(rbuf, sizeof rbuf, "%llu", (unsigned long long)rounds);
     snprintf(ca, sizeof ca, "%s/ca.pem", cdir);
@@ -219,10 +254,12 @@ int demo_main(int argc, char **argv)
     char *dargv[] = {cohortd, "--listen", listen, "--state-dir", sdir, "--model", init,
                      "--ca", ca, "--cert", scert, "--key", skey, "--rounds", rbuf,
                      "--min-clients", nbuf, "--round-timeout", "120", "--strategy", "fedavg",
-                     "--log-level", "info", NULL};
+                     "--log-level", "info", "--http", http, NULL};
     printf("cohort demo: FedAvg, %llu clients, %llu rounds, %s, %s split of Fashion-MNIST, "
            "mutual TLS on %s\n",
            (unsigned long long)nclients, (unsigned long long)rounds, desc, split, listen);
+    printf("cohort demo: dashboard at http://%s/ (open it in a browser while the demo runs)\n",
+           http);
     fflush(stdout);
     double t0 = now_s();
     pid_t dpid = spawn(dargv, logp);
@@ -243,6 +280,16 @@ int demo_main(int argc, char **argv)
                       "--seed", "1", "--local-steps", sbuf, "--batch", bbuf, "--lr", lrbuf,
                       "--retry-ms", "100:2000", "--max-attempts", "50", NULL};
         cpids[i] = spawn(av, clog);
+    }
+    pid_t epid;
+    {
+        char ecert[4300], ekey[4300], elog[4300];
+        snprintf(ecert, sizeof ecert, "%s/evaluator-1.pem", cdir);
+        snprintf(ekey, sizeof ekey, "%s/evaluator-1.key", cdir);
+        snprintf(elog, sizeof elog, "%s/evaluator.log", ldir);
+        char *av[] = {self, "client", "--server", listen, "--ca", ca, "--cert", ecert, "--key",
+                      ekey, "--evaluate", "--retry-ms", "100:2000", "--max-attempts", "50", NULL};
+        epid = spawn(av, elog);
     }
     printf("%5s %12s %11s %9s %8s %8s\n", "round", "participants", "train_loss", "test_acc",
            "round_s", "total_s");
@@ -325,6 +372,16 @@ int demo_main(int argc, char **argv)
             waitpid(cpids[i], &st, 0);
         } else if (WIFEXITED(st) && WEXITSTATUS(st) == 0) {
             clients_ok++;
+        }
+    }
+    {
+        /* The evaluator leaves on RunEnd like the trainers. */
+        int st, done = 0;
+        for (int k = 0; k < 50 && !(done = waitpid(epid, &st, WNOHANG) == epid); k++)
+            usleep(100000);
+        if (!done) {
+            kill(epid, SIGTERM);
+            waitpid(epid, &st, 0);
         }
     }
     fmnist_free(&test);

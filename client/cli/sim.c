@@ -10,6 +10,7 @@
  * while the run goes on; per-round participants and losses come from its store.
  */
 #include "sim.h"
+#include "sim_gossip.h"
 
 #include <arpa/inet.h>
 #include <cblas.h>
@@ -1211,6 +1212,9 @@ static void sim_free(struct sim *sim)
 
 int sim_main(int argc, char **argv)
 {
+    for (int i = 1; i < argc; i++) /* gossip learning: sim_gossip.c */
+        if (strcmp(argv[i], "--gossip") == 0)
+            return sim_gossip_main(argc, argv);
     enum { O_CLIENTS = 256, O_ROUNDS, O_ALPHA, O_PATTERN, O_PBAR, O_PMIN, O_ALPHA_P, O_STRATEGY,
            O_COMPARE, O_ARCH, O_STEPS, O_BATCH, O_LR, O_SEED, O_EVAL, O_AVG, O_OUT, O_DIR,
            O_KEEP, O_PROGRESS, O_NO_PROGRESS, O_UNORDERED, O_HELP };

@@ -133,8 +133,8 @@ static int snapshot_registered(struct fedau *f, struct pstore *store)
     if (!f->registered)
         return COHORT_ENOMEM;
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(pstore_db(store), "SELECT id FROM clients ORDER BY id", -1, &st,
-                           NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(pstore_db(store), "SELECT id FROM clients WHERE role='trainer' ORDER BY id",
+                           -1, &st, NULL) != SQLITE_OK)
         return COHORT_ESTORE;
     while (sqlite3_step(st) == SQLITE_ROW && f->nregistered < n)
         f->registered[f->nregistered++] = sqlite3_column_int64(st, 0);

@@ -30,6 +30,12 @@ def main():
     t.ok(n == 100, "100 accepted participation rows (%d)" % n)
     t.ok(os.path.exists(os.path.join(d, "state", "checkpoints", "round-000010.safetensors")),
          "checkpoint of round 10 exists")
+    t.ok(re.search(r"dashboard at http://127\.0\.0\.1:\d+/", r.stdout) is not None,
+         "the demo prints the dashboard's URL")
+    ev = db.execute("SELECT value FROM eval_metrics WHERE round = 10 AND name = 'accuracy'")
+    row = ev.fetchone()
+    t.ok(row is not None and abs(row[0] - acc) < 1e-3,
+         "the demo's evaluator reported the final model's accuracy (%s)" % (row and row[0]))
     t.done()
 
 

@@ -1,0 +1,615 @@
+#!/usr/bin/python3
+"""Benchmarks that need a running cohortd (issue 5, docs/performance.md).
+
+    bench_server.py BENCH --build BUILD_DIR [--quick] [--perf DIR] [--out FILE]
+
+BENCH is one of:
+  ingest  N event-driven TLS clients (cohort-loadgen) upload P-float updates to a real
+          cohortd on 127.0.0.1; bytes accepted per second next to single-core
+          AES-GCM decryption of the same byte count (cohort-loadgen aesref) in this run.
+  round   real cohortd + N libcohort clients (bench-lcclients: threads in one process,
+          each its own connection and certificate) at the four (N, P) points of the
+          issue; median round time over rounds 2..R and cohortd's peak RSS, next to
+          the Flower figures from issue 5.
+  memory  cohortd's peak RSS at P = 1e6 for N = 10, 100, 1000 (cohort-loadgen clients)
+          against 3 x model size + 64 KiB x N.
+  scale   10,000 idle heartbeating connections held by one cohortd (heartbeat
+          round-trip p50/p99, RSS), then a round with 1,000 clients at P = 1e5.
+  client  libcohort's size (static and shared, stripped; a -Dserver=false build) and a
+          client process's peak RSS during rounds at P = 1e6.
+
+Every measurement is printed as one JSON line (name, params, value, unit, ref, ratio)
+and appended to BUILD_DIR/bench/results.jsonl. cohortd's peak RSS is the child's
+ru_maxrss from wait4(). Python standard library only (Debian's python3); the measuring
+loops are the C programs.
+"""
+import argparse
+import json
+import resource
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+MiB = 1 << 20
+# Issue 5: Flower 1.6 on a 2-vCPU machine, N clients x P float32, TLS on.
+FLOWER = {(10, 1000000): (0.35, 528e6), (10, 10000000): (5.0, 3.9e9),
+          (50, 1000000): (2.85, 2.0e9), (100, 100000): (0.78, 436e6)}
+
+OUT = None
+PERF_DIR = None
+ONLY = None
+
+
+def wanted(tag):
+    return not ONLY or ONLY in tag
+
+
+def emit(obj):
+    obj.setdefault("loadavg", round(os.getloadavg()[0], 2))
+    obj.setdefault("nice", os.nice(0))
+    obj.setdefault("autogroup_nice", autogroup_nice())
+    line = json.dumps(obj)
+    print(line, flush=True)
+    if OUT:
+        with open(OUT, "a") as f:
+            f.write(line + "\n")
+
+
+def ratio_line(name, params, value, unit, ref_name, ref_value, **extra):
+    o = {"name": name, "params": params, "value": value, "unit": unit}
+    if ref_name is not None:
+        o["ref"] = {"name": ref_name, "value": ref_value}
+        o["ratio"] = round(value / ref_value, 4) if ref_value else None
+    o.update(extra)
+    emit(o)
+
+
+def set_nice(nice):
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass
+    os.nice(nice - os.nice(0))
+
+
+def autogroup_nice():
+    try:
+        with open("/proc/self/autogroup") as f:
+            return int(f.read().split()[-1])
+    except (OSError, ValueError):
+        return None
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class Bench:
+    def __init__(self, build, name):
+        self.build = os.path.abspath(build)
+        self.cohortd = os.path.join(self.build, "server", "cohortd")
+        self.cohort = os.path.join(self.build, "client", "cli", "cohort")
+        self.loadgen = os.path.join(self.build, "bench", "cohort-loadgen")
+        self.lcclients = os.path.join(self.build, "bench", "bench-lcclients")
+        self.dir = tempfile.mkdtemp(prefix="cohort-bench-%s-" % name)
+        self.certs = os.path.join(self.dir, "certs")
+        self.ncerts = 0
+        self.models = {}
+        self.procs = []
+
+    def make_certs(self, n):
+        if n > self.ncerts or not os.path.exists(self.certs):
+            shutil.rmtree(self.certs, ignore_errors=True)
+            run([self.cohort, "certs", "--out", self.certs, "--clients", str(n)])
+            self.ncerts = n
+
+    def model(self, p):
+        if p not in self.models:
+            path = os.path.join(self.dir, "model-%d.safetensors" % p)
+            run([self.loadgen, "mkmodel", "--out", path, "--params", str(p)])
+            self.models[p] = path
+        return self.models[p]
+
+    def ca(self):
+        return os.path.join(self.certs, "ca.pem"), os.path.join(self.certs, "ca.key")
+
+    def start_server(self, p, tag, extra=()):
+        """cohortd on a fresh state dir with a P-float model; returns (proc, port, state)."""
+        self.make_certs(max(self.ncerts, 1))
+        port = free_port()
+        state = os.path.join(self.dir, "state-%s" % tag)
+        shutil.rmtree(state, ignore_errors=True)
+        args = [self.cohortd, "--listen", "127.0.0.1:%d" % port, "--state-dir", state,
+                "--ca", os.path.join(self.certs, "ca.pem"),
+                "--cert", os.path.join(self.certs, "server.pem"),
+                "--key", os.path.join(self.certs, "server.key"),
+                "--model", self.model(p), "--round-timeout", "3600",
+                "--idle-timeout-ms", "3600000", "--upload-timeout-ms", "3600000",
+                "--handshake-timeout-ms", "600000", "--frame-timeout-ms", "3600000",
+                "--log-level", "notice"] + list(extra)
+        log = open(os.path.join(self.dir, "cohortd-%s.log" % tag), "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        wait_port(port, proc)
+        proc.perf = None
+        if PERF_DIR:
+            data = os.path.join(PERF_DIR, "perf-%s.data" % tag)
+            proc.perf = subprocess.Popen(["perf", "record", "--call-graph", "dwarf,16384",
+                                          "-F", "999", "-q", "-o", data, "-p", str(proc.pid)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+        return proc, port, state
+
+    def finish_server(self, proc, timeout=600, term=False):
+        """Waits for cohortd (SIGTERM first when term); returns (exit code, peak RSS bytes).
+        proc.cpu_s gets its user + system CPU seconds (all threads, whole life)."""
+        if term and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        end = time.time() + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if time.time() > end:
+                proc.kill()
+                pid, status, ru = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.cpu_s = ru.ru_utime + ru.ru_stime
+        if proc.perf is not None:
+            proc.perf.send_signal(signal.SIGINT)
+            proc.perf.wait()
+        return proc.returncode, ru.ru_maxrss * 1024
+
+    def cleanup(self, keep=False):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run(args, timeout=900, check=True):
+    r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError("%s failed (%d): %s %s" % (" ".join(args), r.returncode,
+                                                       r.stdout[-2000:], r.stderr[-2000:]))
+    return r
+
+
+def json_lines(text):
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def wait_port(port, proc, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError("cohortd exited with %s before listening" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("cohortd did not listen on %d" % port)
+
+
+def server_durations(state, first=2):
+    db = sqlite3.connect(os.path.join(state, "cohort.db"))
+    rows = db.execute("SELECT round, duration_s FROM rounds WHERE round >= ? ORDER BY round",
+                      (first,)).fetchall()
+    db.close()
+    return [d for _, d in rows]
+
+
+def tcp_mem_pages():
+    """Pages of kernel memory in TCP buffers (all sockets of the host)."""
+    try:
+        with open("/proc/net/sockstat") as f:
+            for line in f:
+                if line.startswith("TCP:"):
+                    parts = line.split()
+                    return int(parts[parts.index("mem") + 1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class Monitor:
+    """Peak of the host's TCP buffer memory while a load runs (sampled every 0.25 s)."""
+
+    def __init__(self):
+        pages = tcp_mem_pages()
+        self.base_mib = round(pages * 4096 / MiB, 1) if pages is not None else None
+        self.peak = pages or 0
+        self.done = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while not self.done.wait(0.25):
+            self.peak = max(self.peak, tcp_mem_pages() or 0)
+
+    def stop(self):
+        self.done.set()
+        self.t.join()
+        self.peak_mib = round(self.peak * 4096 / MiB, 1)
+
+
+def loadgen_upload(b, n, p, rounds, tag, extra_server=(), timeout=300):
+    """cohortd + cohort-loadgen upload; returns (per-round dicts, summary, rss, rc, state)."""
+    proc, port, state = b.start_server(p, tag, ["--min-clients", str(n), "--rounds", str(rounds),
+                                                "--max-connections", str(n + 100)]
+                                       + list(extra_server))
+    ca, cakey = b.ca()
+    # Many uploads wait for a slot with their data in socket buffers (cohortd stops
+    # reading them); small send buffers keep that from exhausting the host's TCP memory.
+    sndbuf = ["--sndbuf", "131072"] if n >= 500 else []
+    mon = Monitor()
+    r = run([b.loadgen, "upload", "--server", "127.0.0.1:%d" % port, "--ca", ca, "--ca-key",
+             cakey, "--clients", str(n), "--rounds", str(rounds), "--server-pid", str(proc.pid),
+             "--prefix", tag, "--timeout", str(timeout)] + sndbuf, timeout=timeout + 60,
+            check=False)
+    mon.stop()
+    # A failed load generator leaves the round open: stop cohortd instead of waiting.
+    rc, rss = b.finish_server(proc, timeout=120, term=r.returncode != 0)
+    lines = json_lines(r.stdout)
+    per = [l for l in lines if l["name"] == "loadgen_round"]
+    summ = next((l for l in lines if l["name"] == "loadgen_summary"), {})
+    summ["tcp_mem_base_mib"] = mon.base_mib
+    summ["tcp_mem_peak_mib"] = mon.peak_mib
+    if r.returncode != 0 or rc != 0:
+        sys.stderr.write("loadgen rc=%d cohortd rc=%d: %s\n%s\n" % (
+            r.returncode, rc, summ.get("first_error", ""), r.stderr[-2000:]))
+    return per, summ, rss, rc, state
+
+
+# ---------------------------------------------------------------------------
+
+def bench_ingest(b, quick):
+    points = [(10, 10000000), (50, 1000000)] if not quick else [(4, 1000000)]
+    rounds = 5 if not quick else 3
+    b.make_certs(1)
+    for n, p in points:
+        if not wanted("ingest-%d-%d" % (n, p)):
+            continue
+        per, summ, rss, rc, state = loadgen_upload(
+            b, n, p, rounds, "ingest-%d-%d" % (n, p), ["--durability", "relaxed"])
+        use = [x for x in per if x["params"]["round"] >= 2 and x["accepted"] == n]
+        if len(use) < rounds - 1:
+            emit({"name": "ingest", "params": {"N": n, "P": p}, "error":
+                  "only %d of %d measured rounds completed: %s" % (
+                      len(use), rounds - 1, summ.get("first_error", ""))})
+            continue
+        nbytes = sum(x["bytes"] for x in use)
+        t_up = sum(x["t_last_ack"] - x["t_first_begin"] for x in use)
+        t_round = sum(x["t_last_ack"] - x["t_offer"] for x in use)
+        cpu = sum(x["server_cpu_upload_s"] for x in use)
+        loop_cpu = sum(x["server_loop_cpu_upload_s"] for x in use)
+        gen_cpu = sum(x["loadgen_cpu_upload_s"] for x in use)
+        ref = json_lines(run([b.loadgen, "aesref", "--params", str(nbytes)]).stdout)[0]
+        g_up = nbytes / t_up / 1e9
+        g_round = nbytes / t_round / 1e9
+        params = {"N": n, "P": p, "rounds": "2..%d" % rounds, "durability": "relaxed",
+                  "bytes_per_round": nbytes // len(use)}
+        ratio_line("ingest_upload", params, round(g_up, 4), "GB/s", "aes128gcm_decrypt_1core",
+                   ref["aes128gcm_gbps"], target_ratio=0.5,
+                   met=g_up / ref["aes128gcm_gbps"] >= 0.5,
+                   ratio_aes256=round(g_up / ref["aes256gcm_gbps"], 4),
+                   ref_aes256gcm=ref["aes256gcm_gbps"], cipher=summ.get("cipher"),
+                   window="first UpdateBegin sent .. last UpdateAck received")
+        ratio_line("ingest_round", params, round(g_round, 4), "GB/s", "aes128gcm_decrypt_1core",
+                   ref["aes128gcm_gbps"], target_ratio=0.5,
+                   met=g_round / ref["aes128gcm_gbps"] >= 0.5,
+                   window="RoundOffer received (first client) .. last UpdateAck received; "
+                          "includes the model broadcast")
+        if cpu > 0:
+            ratio_line("ingest_per_server_cpu", params, round(nbytes / cpu / 1e9, 4), "GB/s",
+                       "aes128gcm_decrypt_1core", ref["aes128gcm_gbps"],
+                       server_cpu_s=round(cpu, 3), server_loop_thread_cpu_s=round(loop_cpu, 3),
+                       loop_thread_busy=round(loop_cpu / t_up, 3),
+                       loadgen_cpu_s=round(gen_cpu, 3), upload_wall_s=round(t_up, 3),
+                       note="bytes accepted per second of cohortd CPU time (all threads) in "
+                            "the upload window; /proc tick resolution 10 ms")
+        emit({"name": "ingest_server_rss", "params": params, "value": round(rss / 1e6, 1),
+              "unit": "MB"})
+
+
+def bench_round(b, quick):
+    points = [(10, 1000000), (10, 10000000), (50, 1000000), (100, 100000)]
+    if quick:
+        points = [(10, 1000000), (20, 100000)]
+    rounds = 5 if not quick else 3
+    b.make_certs(max(n for n, _ in points))
+    ca = os.path.join(b.certs, "ca.pem")
+    for n, p in points:
+        for durability in (["full", "relaxed"] if not quick else ["full"]):
+            tag = "round-%d-%d-%s" % (n, p, durability)
+            if not wanted(tag):
+                continue
+            proc, port, state = b.start_server(p, tag, [
+                "--min-clients", str(n), "--rounds", str(rounds), "--durability", durability,
+                "--max-connections", str(n + 100)])
+            t_start = time.time()
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            r = run([b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca", ca, "--certs",
+                     b.certs, "--clients", str(n)], timeout=900, check=False)
+            wall = time.time() - t_start
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            clients_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+            rc, rss = b.finish_server(proc)
+            lines = json_lines(r.stdout)
+            per = {l["params"]["round"]: l for l in lines if l["name"] == "lc_round"}
+            summ = next((l for l in lines if l["name"] == "lc_summary"), {})
+            ok = r.returncode == 0 and rc == 0 and all(
+                per.get(k, {}).get("acks") == n for k in range(1, rounds + 1))
+            params = {"N": n, "P": p, "rounds": "2..%d" % rounds, "durability": durability,
+                      "clients": "libcohort threads in one process"}
+            if not ok:
+                emit({"name": "round_time", "params": params,
+                      "error": "run failed (clients rc=%d, cohortd rc=%d): %s %s" % (
+                          r.returncode, rc, summ.get("first_error", ""), r.stderr[-500:])})
+                continue
+            times = [per[k]["t_result"] - per[k - 1]["t_result"] for k in range(2, rounds + 1)]
+            srv = server_durations(state)
+            med = statistics.median(times)
+            fl_t, fl_rss = FLOWER.get((n, p), (None, None))
+            extra = {"server_duration_median_s": round(statistics.median(srv), 4) if srv else None,
+                     "rounds_s": [round(t, 4) for t in times],
+                     "server_cpu_s": round(proc.cpu_s, 2), "clients_cpu_s": round(clients_cpu, 2),
+                     "run_wall_s": round(wall, 2),
+                     "client_process_maxrss_mb": round(summ.get("maxrss_kib", 0) * 1024 / 1e6, 1)}
+            if fl_t:
+                ratio_line("round_time", params, round(med, 4), "s", "flower_1.6", fl_t,
+                           target_ratio=0.1, met=med <= 0.1 * fl_t,
+                           better_x=round(fl_t / med, 1), **extra)
+                ratio_line("round_server_rss", params, round(rss / 1e6, 1), "MB", "flower_1.6",
+                           fl_rss / 1e6, target_ratio=0.1, met=rss <= 0.1 * fl_rss,
+                           better_x=round(fl_rss / rss, 1))
+            else:
+                ratio_line("round_time", params, round(med, 4), "s", None, None, **extra)
+                ratio_line("round_server_rss", params, round(rss / 1e6, 1), "MB", None, None)
+
+
+def idle_rss(b, p, tag):
+    """RSS of a cohortd that loaded a P-float model and has no clients."""
+    proc, port, state = b.start_server(p, tag, ["--min-clients", "1000000"])
+    time.sleep(1.0)
+    with open("/proc/%d/status" % proc.pid) as f:
+        rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+    b.finish_server(proc, term=True)
+    return rss
+
+
+def bench_memory(b, quick):
+    p = 1000000
+    ns = [10, 100, 1000] if not quick else [10, 50]
+    b.make_certs(1)
+    # The floor: cohortd with its model loaded and no client (P = 1e5 shows the part that
+    # does not depend on the model: code, libraries, OpenBLAS and SQLite buffers).
+    for pp in (100000, p):
+        rss_idle = idle_rss(b, pp, "memory-idle-%d" % pp)
+        emit({"name": "memory_idle_server_rss", "params": {"P": pp},
+              "value": round(rss_idle / MiB, 1), "unit": "MiB",
+              "note": "cohortd with the model loaded, no clients"})
+    base = rss_idle
+    model = p * 4
+    for n in ns:
+        if not wanted("memory-%d" % n):
+            continue
+        # N = 1000: one round. From the second round on, the receive buffers that TCP
+        # autotuning grew during round 1 let ~900 paused uploads park ~1.7 MB each in the
+        # kernel; the host hits TCP memory pressure and the active uploads crawl
+        # (docs/performance.md, "memory").
+        rounds = 3 if n < 1000 else 1
+        per, summ, rss, rc, state = loadgen_upload(
+            b, n, p, rounds, "memory-%d" % n, ["--durability", "relaxed"])
+        target = 3 * model + 64 * 1024 * n
+        ok = rc == 0 and all(x["accepted"] == n for x in per) and len(per) == rounds
+        ratio_line("memory_server_peak_rss", {"N": n, "P": p, "rounds": rounds,
+                                              "clients": "cohort-loadgen"},
+                   round(rss / MiB, 1), "MiB", "target_3xmodel_plus_64KiBxN", round(target / MiB, 1),
+                   target_ratio=1.0, met=rss <= target, model_mib=round(model / MiB, 2),
+                   rss_over_model=round(rss / model, 2),
+                   rss_minus_idle_mib=round((rss - base) / MiB, 1),
+                   completed=ok, kernel_tcp_mem_peak_mib=summ.get("tcp_mem_peak_mib"),
+                   kernel_tcp_mem_before_mib=summ.get("tcp_mem_base_mib"),
+                   first_error=summ.get("first_error"))
+
+
+def bench_scale(b, quick):
+    n = 10000 if not quick else 500
+    b.make_certs(1)
+    ca, cakey = b.ca()
+    proc, port, state = b.start_server(100000, "scale-idle", [
+        "--min-clients", "1000000", "--max-connections", str(n + 1000),
+        "--heartbeat-ms", "1000"])
+    r = run([b.loadgen, "idle", "--server", "127.0.0.1:%d" % port, "--ca", ca, "--ca-key", cakey,
+             "--clients", str(n), "--hb-interval-ms", "1000", "--warmup", "3",
+             "--duration", "15" if not quick else "5", "--server-pid", str(proc.pid),
+             "--parallel", "64", "--prefix", "idle", "--timeout", "600"],
+            timeout=900, check=False)
+    rc, rss = b.finish_server(proc, term=True)
+    lines = json_lines(r.stdout)
+    idle = next((l for l in lines if l["name"] == "loadgen_idle"), None)
+    params = {"N": n, "hb_interval_ms": 1000}
+    if not idle:
+        emit({"name": "scale_idle", "params": params, "error": r.stderr[-1000:]})
+    else:
+        ratio_line("scale_heartbeat_rtt_p99", params, idle["rtt_p99_ms"], "ms", "target", 100.0,
+                   target_ratio=1.0, met=idle["rtt_p99_ms"] <= 100 and idle["ready"] == n,
+                   rtt_p50_ms=idle["rtt_p50_ms"], rtt_p999_ms=idle["rtt_p999_ms"],
+                   rtt_max_ms=idle["rtt_max_ms"], hb_sent=idle["hb_sent"],
+                   hb_answered=idle["hb_answered"], connected=idle["ready"],
+                   failed=idle["failed"], connect_s=idle["connect_s"],
+                   handshakes_per_s=idle["connect_rate"], server_cpu_pct=idle["server_cpu_pct"],
+                   loadgen_cpu_pct=idle["loadgen_cpu_pct"], nofile_limit=idle["nofile_limit"],
+                   first_error=idle.get("first_error"))
+        ratio_line("scale_server_rss", params, round(idle["server_rss_kib"] / 1024, 1), "MiB",
+                   "target", 1024.0, target_ratio=1.0,
+                   met=idle["server_rss_kib"] / 1024 <= 1024 and idle["ready"] == n,
+                   per_connection_kib=round(idle["server_rss_kib"] / max(idle["ready"], 1), 1),
+                   server_peak_rss_mib=round(rss / MiB, 1),
+                   note="VmRSS with all connections up, after the heartbeat window")
+    # A round with 1,000 participating clients at P = 1e5.
+    nr = 1000 if not quick else 100
+    p = 100000
+    per, summ, rss, rc, state = loadgen_upload(b, nr, p, 3, "scale-round",
+                                               ["--durability", "relaxed"])
+    done = [x for x in per if x["accepted"] == nr]
+    times = [per[i]["t_result"] - per[i - 1]["t_result"] for i in range(1, len(per))
+             if per[i]["t_result"] > 0 and per[i - 1]["t_result"] > 0]
+    emit({"name": "scale_round_1000", "params": {"N": nr, "P": p, "rounds": 3,
+                                                 "clients": "cohort-loadgen"},
+          "value": round(statistics.median(times), 4) if times else None, "unit": "s",
+          "completed": len(done) == 3 and rc == 0, "rounds_completed": len(done),
+          "accepted_per_round": [x["accepted"] for x in per],
+          "server_peak_rss_mib": round(rss / MiB, 1),
+          "server_durations_s": [round(d, 3) for d in server_durations(state, 1)],
+          "kernel_tcp_mem_peak_mib": summ.get("tcp_mem_peak_mib"),
+          "first_error": summ.get("first_error")})
+
+
+def file_size(path):
+    return os.path.getsize(path)
+
+
+def bench_client(b, quick, src):
+    # Size: the edge build, as tests/client_only_build.sh makes it.
+    for buildtype in (["debugoptimized", "minsize"] if not quick else ["debugoptimized"]):
+        out = os.path.join(b.dir, "client-only-%s" % buildtype)
+        run(["meson", "setup", out, src, "-Dserver=false", "-Dtests=disabled",
+             "-Dbuildtype=" + buildtype], timeout=600)
+        run(["ninja", "-C", out], timeout=900)
+        a = os.path.join(out, "client", "libcohort.a")
+        so = next(os.path.join(out, "client", f) for f in sorted(os.listdir(
+            os.path.join(out, "client"))) if f.startswith("libcohort.so.") and f.count(".") == 4)
+        sa, sso = a + ".stripped", so + ".stripped"
+        shutil.copy(a, sa)
+        shutil.copy(so, sso)
+        run(["strip", "--strip-debug", sa])
+        run(["strip", "--strip-unneeded", sso])
+        needed = [l.split("[")[1].rstrip("]") for l in run(["readelf", "-d", sso]).stdout.splitlines()
+                  if "NEEDED" in l]
+        emit({"name": "client_lib_size", "params": {"kind": "static", "buildtype": buildtype,
+                                                    "stripped": "--strip-debug"},
+              "value": round(file_size(sa) / 1024, 1), "unit": "KiB",
+              "unstripped_kib": round(file_size(a) / 1024, 1),
+              "note": "libcohort.a incl. common/ and the generated protobuf code"})
+        emit({"name": "client_lib_size", "params": {"kind": "shared", "buildtype": buildtype,
+                                                    "stripped": "--strip-unneeded"},
+              "value": round(file_size(sso) / 1024, 1), "unit": "KiB",
+              "unstripped_kib": round(file_size(so) / 1024, 1), "needed": needed})
+    # RSS: one libcohort client process through 3 rounds at P = 1e6.
+    p = 1000000
+    model = p * 4
+    target = 3 * model + 4 * MiB
+    b.make_certs(2)
+    ca = os.path.join(b.certs, "ca.pem")
+    base = json_lines(run([b.lcclients, "--server", "127.0.0.1:1", "--ca", ca, "--certs", b.certs,
+                           "--clients", "1", "--mode", "baseline"]).stdout)[0]
+    emit({"name": "client_baseline_rss", "params": {}, "value": round(base["maxrss_kib"] / 1024, 1),
+          "unit": "MiB", "note": "process with libcohort + OpenSSL initialized and one client "
+                                  "made (certificates loaded), not connected"})
+    for kind in ("inplace", "cli-update"):
+        proc, port, state = b.start_server(p, "client-%s" % kind, [
+            "--min-clients", "1", "--rounds", "3", "--durability", "relaxed"])
+        if kind == "inplace":
+            args = [b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca", ca, "--certs",
+                    b.certs, "--clients", "1", "--mode", "inplace"]
+            what = "bench-lcclients --mode inplace: the callback trains in params"
+        else:
+            upd = os.path.join(b.dir, "update.safetensors")
+            shutil.copy(b.model(p), upd)
+            args = [b.cohort, "client", "--server", "127.0.0.1:%d" % port, "--ca", ca,
+                    "--cert", os.path.join(b.certs, "client-1.pem"),
+                    "--key", os.path.join(b.certs, "client-1.key"),
+                    "--update", upd, "--examples", "100"]
+            what = "cohort client --update FILE (the CLI holds the update file as well)"
+        cp = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, status, ru = os.wait4(cp.pid, 0)
+        cp.stdout.close()
+        cp.stderr.close()
+        rc, _ = b.finish_server(proc)
+        crss = ru.ru_maxrss * 1024
+        ratio_line("client_peak_rss", {"P": p, "client": kind, "rounds": 3},
+                   round(crss / MiB, 1), "MiB", "target_3xmodel_plus_4MiB", round(target / MiB, 1),
+                   target_ratio=1.0, met=crss <= target,
+                   rss_over_model=round(crss / model, 2),
+                   ok=os.waitstatus_to_exitcode(status) == 0 and rc == 0, what=what)
+
+
+def main():
+    global OUT, PERF_DIR, ONLY
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bench", choices=["ingest", "round", "memory", "scale", "client"])
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--src", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ap.add_argument("--quick", action="store_true", help="small points, for trying it out")
+    ap.add_argument("--perf", help="record cohortd with perf record (DWARF call graphs) into "
+                    "this directory, one perf-TAG.data per cohortd")
+    ap.add_argument("--only", help="only the points whose tag contains this (e.g. 10-10000000)")
+    ap.add_argument("--out", help="append JSON lines here (default BUILD/bench/results.jsonl)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    a = ap.parse_args()
+    OUT = a.out or os.environ.get("COHORT_BENCH_OUT") or os.path.join(
+        os.path.abspath(a.build), "bench", "results.jsonl")
+    PERF_DIR = os.path.abspath(a.perf) if a.perf else None
+    ONLY = a.only
+    if PERF_DIR:
+        os.makedirs(PERF_DIR, exist_ok=True)
+    # A shared machine: COHORT_BENCH_NICE=-10 gives the benchmark's processes (cohortd
+    # and the clients inherit it) priority over other work; recorded in every line.
+    # With the kernel's autogroups, nice only ranks processes inside one session, so
+    # the benchmark becomes its own session and sets that autogroup's nice.
+    nice = int(os.environ.get("COHORT_BENCH_NICE", "0") or 0)
+    if nice:
+        set_nice(nice)
+    b = Bench(a.build, a.bench)
+    t0 = time.time()
+    try:
+        if a.bench == "ingest":
+            bench_ingest(b, a.quick)
+        elif a.bench == "round":
+            bench_round(b, a.quick)
+        elif a.bench == "memory":
+            bench_memory(b, a.quick)
+        elif a.bench == "scale":
+            bench_scale(b, a.quick)
+        elif a.bench == "client":
+            bench_client(b, a.quick, a.src)
+    finally:
+        b.cleanup(a.keep)
+    sys.stderr.write("bench %s: %.1f s\n" % (a.bench, time.time() - t0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+/*
+ * bench-lcclients: N real libcohort clients in one process, one thread each, each
+ * with its own connection and certificate (DIR/client-i.pem, from `cohort certs`),
+ * for the round and client benchmarks (bench/bench_server.py).
+ *
+ *   bench-lcclients --server H:P --ca CA.pem --certs DIR --clients N
+ *                   [--first I] [--examples E] [--mode update|inplace]
+ *
+ * mode update (default): like `cohort client --update FILE`: every round the callback
+ *   copies one fixed random update (shared by all threads, made once) into params and
+ *   sets out_is_update = 1.
+ * mode inplace: the callback "trains" in place (params[i] += small step) and the library
+ *   computes trained minus global itself: the smallest footprint an application can have,
+ *   used for the client RSS figure.
+ * mode baseline: makes one client (OpenSSL initialized, certificates loaded), prints
+ *   the process's peak RSS and exits without connecting.
+ * The clients run until the server's RunEnd. Then one JSON line per round (the
+ * clients' view: first callback, last ack, first RoundResult) and a summary with this
+ * process's peak RSS (VmHWM).
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "bench_util.h"
+#include "cohort.h"
+
+#define MAX_ROUNDS 64
+
+struct rt {
+    double first_train, last_train, last_ack, first_result;
+    int acks, refused;
+};
+
+static struct rt rts[MAX_ROUNDS + 1];
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static float *shared_update;
+static size_t shared_numel;
+static int inplace;
+static double t0;
+
+struct th {
+    pthread_t tid;
+    int idx;
+    cohort_client *c;
+    int rc;
+    char err[256];
+};
+
+static void on_event(const struct cohort_event *ev, void *user)
+{
+    double now = bench_now() - t0;
+    if (ev->round > MAX_ROUNDS)
+        return;
+    pthread_mutex_lock(&mu);
+    struct rt *r = &rts[ev->round];
+    if (ev->kind == COHORT_EV_ROUND_RESULT) {
+        if (r->first_result == 0 || now < r->first_result)
+            r->first_result = now;
+    } else if (ev->kind == COHORT_EV_UPDATE_ACK) {
+        if (ev->err == 0) {
+            r->acks++;
+            if (now > r->last_ack)
+                r->last_ack = now;
+        } else {
+            r->refused++;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+static int train(struct cohort_round *r, void *user)
+{
+    double now = bench_now() - t0;
+    if (r->round <= MAX_ROUNDS) {
+        pthread_mutex_lock(&mu);
+        struct rt *t = &rts[r->round];
+        if (t->first_train == 0 || now < t->first_train)
+            t->first_train = now;
+        if (now > t->last_train)
+            t->last_train = now;
+        pthread_mutex_unlock(&mu);
+    }
+    if (inplace) {
+        shared_numel = r->numel;
+        for (size_t i = 0; i < r->numel; i++)
+            r->params[i] += 1e-3f * (float)((int)(i % 7) - 3);
+        return 0;
+    }
+    pthread_mutex_lock(&mu);
+    if (!shared_update || shared_numel != r->numel) {
+        free(shared_update);
+        shared_numel = r->numel;
+        shared_update = bench_alloc(r->numel * 4);
+        bench_fill(shared_update, r->numel, 7);
+    }
+    pthread_mutex_unlock(&mu);
+    memcpy(r->params, shared_update, r->numel * 4);
+    r->out_is_update = 1;
+    return 0;
+}
+
+static void *run(void *arg)
+{
+    struct th *t = arg;
+    t->rc = cohort_client_run(t->c, train, NULL);
+    if (t->rc < 0)
+        snprintf(t->err, sizeof t->err, "%s", cohort_client_last_error(t->c));
+    return NULL;
+}
+
+static long self_kib(const char *field)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long v = 0;
+    size_t fl = strlen(field);
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, field, fl) == 0 && line[fl] == ':') {
+            v = atol(line + fl + 1);
+            break;
+        }
+    if (f)
+        fclose(f);
+    return v;
+}
+
+int main(int argc, char **argv)
+{
+    const char *server = NULL, *ca = NULL, *certs = NULL, *mode = "update";
+    int n = 1, first = 1;
+    uint64_t examples = 100;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (strcmp(argv[i], "--server") == 0) server = argv[i + 1];
+        else if (strcmp(argv[i], "--ca") == 0) ca = argv[i + 1];
+        else if (strcmp(argv[i], "--certs") == 0) certs = argv[i + 1];
+        else if (strcmp(argv[i], "--clients") == 0) n = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--first") == 0) first = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--examples") == 0) examples = strtoull(argv[i + 1], NULL, 10);
+        else if (strcmp(argv[i], "--mode") == 0) mode = argv[i + 1];
+        else {
+            fprintf(stderr, "bench-lcclients: unknown option %s\n", argv[i]);
+            return 2;
+        }
+    }
+    if (!server || !ca || !certs || n < 1) {
+        fprintf(stderr, "usage: bench-lcclients --server H:P --ca CA --certs DIR --clients N "
+                        "[--first I] [--examples E] [--mode update|inplace]\n");
+        return 2;
+    }
+    inplace = strcmp(mode, "inplace") == 0;
+    if (strcmp(mode, "baseline") == 0) {
+        /* The process with libcohort and OpenSSL initialized and one client made
+         * (CA and certificate loaded), but no connection: the floor under the
+         * client RSS figure. */
+        char cert[1024], key[1024];
+        snprintf(cert, sizeof cert, "%s/client-%d.pem", certs, first);
+        snprintf(key, sizeof key, "%s/client-%d.key", certs, first);
+        cohort_opts *o;
+        cohort_client *c = NULL;
+        int rc = cohort_opts_new(&o);
+        if (rc == 0) rc = cohort_opts_set_server(o, server);
+        if (rc == 0) rc = cohort_opts_set_tls(o, ca, cert, key);
+        if (rc == 0) rc = cohort_client_new(&c, o);
+        cohort_opts_free(o);
+        printf("{\"name\": \"lc_baseline\", \"params\": {}, \"rc\": %d, \"maxrss_kib\": %ld}\n", rc,
+               self_kib("VmHWM"));
+        cohort_client_free(c);
+        return rc < 0;
+    }
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    t0 = bench_now();
+    struct th *ths = calloc((size_t)n, sizeof *ths);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256u << 10);
+    for (int i = 0; i < n; i++) {
+        char cert[1024], key[1024];
+        snprintf(cert, sizeof cert, "%s/client-%d.pem", certs, first + i);
+        snprintf(key, sizeof key, "%s/client-%d.key", certs, first + i);
+        cohort_opts *o;
+        int rc = cohort_opts_new(&o);
+        if (rc == 0) rc = cohort_opts_set_server(o, server);
+        if (rc == 0) rc = cohort_opts_set_tls(o, ca, cert, key);
+        if (rc == 0) rc = cohort_opts_set_num_examples(o, examples);
+        if (rc == 0) rc = cohort_opts_set_reconnect(o, 50, 500, 50);
+        if (rc == 0) rc = cohort_opts_set_event_fn(o, on_event, NULL);
+        if (rc == 0) rc = cohort_client_new(&ths[i].c, o);
+        cohort_opts_free(o);
+        if (rc < 0) {
+            fprintf(stderr, "bench-lcclients: client %d: %s\n", first + i, cohort_strerror(rc));
+            return 1;
+        }
+        ths[i].idx = first + i;
+        pthread_create(&ths[i].tid, &attr, run, &ths[i]);
+    }
+    int failed = 0;
+    const char *first_err = "";
+    for (int i = 0; i < n; i++) {
+        pthread_join(ths[i].tid, NULL);
+        if (ths[i].rc < 0) {
+            if (!failed)
+                first_err = ths[i].err;
+            failed++;
+        }
+    }
+    double t1 = bench_now() - t0;
+    for (int r = 1; r <= MAX_ROUNDS; r++) {
+        struct rt *x = &rts[r];
+        if (x->first_train == 0 && x->first_result == 0)
+            continue;
+        printf("{\"name\": \"lc_round\", \"params\": {\"N\": %d, \"P\": %zu, \"round\": %d}, "
+               "\"acks\": %d, \"refused\": %d, \"t_first_train\": %.6f, \"t_last_train\": %.6f, "
+               "\"t_last_ack\": %.6f, \"t_result\": %.6f}\n",
+               n, shared_numel, r, x->acks, x->refused, x->first_train, x->last_train,
+               x->last_ack, x->first_result);
+    }
+    printf("{\"name\": \"lc_summary\", \"params\": {\"N\": %d, \"mode\": \"%s\"}, \"failed\": %d, "
+           "\"wall_s\": %.3f, \"maxrss_kib\": %ld, \"first_error\": \"",
+           n, mode, failed, t1, self_kib("VmHWM"));
+    for (const char *p = first_err; *p; p++)
+        if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)
+            putchar(*p);
+    printf("\"}\n");
+    for (int i = 0; i < n; i++)
+        cohort_client_free(ths[i].c);
+    free(ths);
+    free(shared_update);
+    return failed ? 1 : 0;
+}

@@ -1,0 +1,171 @@
+#!/usr/bin/python3
+"""Where cohortd's CPU time goes, from a `perf record --call-graph dwarf` file
+(bench_server.py --perf DIR writes one per cohortd). Every sample is put in one
+phase (the innermost cohortd function or library entry point of a known kind on
+its stack) and one kind (what the leaf is doing), and the table of both is printed
+as Markdown, per thread (the libuv loop thread vs the thread pool).
+
+    perf_breakdown.py perf-TAG.data [--top 25]
+"""
+import collections
+import subprocess
+import sys
+
+# Innermost match wins (stack is scanned from the leaf toward the root).
+PHASES = [
+    ("round_on_chunk", "chunk: staging copy + sha256 + finite check (round_on_chunk)"),
+    ("fold_accumulate", "fold: saxpy (fold_work)"),
+    ("coh_vc_moments", "fold: variance moments"),
+    ("blob_build", "finalize: serialize model chunks (blob_build)"),
+    ("coh_st_save", "finalize: checkpoint write (coh_st_save)"),
+    ("coh_model_clone", "finalize: clone model (coh_model_clone)"),
+    ("coh_model_all_finite", "finalize: finite check of the new model"),
+    ("fold_apply", "finalize: apply (fold_apply)"),
+    ("pstore_", "SQLite (pstore_*)"),
+    ("sqlite3_", "SQLite (pstore_*)"),
+    ("SSL_do_handshake", "TLS handshake"),
+    ("SSL_read", "TLS read + decrypt (SSL_read)"),
+    ("SSL_write", "TLS encrypt (SSL_write: model broadcast, acks)"),
+    ("SSL_shutdown", "TLS shutdown"),
+    ("flush", "ciphertext out: BIO_read copy + uv_write (flush)"),
+    ("on_write", "write completion (on_write)"),
+    ("on_read", "ciphertext in: BIO_write copy (on_read)"),
+    ("coh_wire_decode", "protobuf decode"),
+    ("coh_wire_encode", "protobuf encode"),
+    ("coh_wire_pack_into", "protobuf encode"),
+    ("dispatch_frame", "dispatch (other)"),
+    ("conn_sweep", "connection sweep timer"),
+    ("fold_done", "fold done: free the staging buffer"),
+    ("finalize_done", "commit (finalize_done)"),
+    ("uv__io_poll", "event loop (epoll, other)"),
+]
+# Stacks with none of the above (libuv is stripped, so uv__read is [unknown]).
+FALLBACK = [
+    (("__GI___libc_read", "__libc_read", "read"), "socket read (recv, libuv)"),
+    (("__GI___libc_write", "__libc_write", "write", "writev"), "socket write (libuv)"),
+    (("munmap", "__GI_munmap", "__GI___libc_free"), "free/munmap"),
+    (("epoll_wait",), "event loop (epoll, other)"),
+]
+
+
+def kind(frames):
+    """frames: [(sym, dso)] leaf first."""
+    syms = [s for s, _ in frames[:12]]
+    leaf, dso = frames[0]
+    if any(k in s for s in syms for k in ("page_fault", "clear_page", "handle_mm_fault",
+                                          "do_anonymous_page", "do_wp_page")):
+        return "page faults (fresh memory)"
+    if any("munmap" in s or "unmap_" in s for s in syms):
+        return "munmap"
+    if any("sha256" in s.lower() for s in syms[:3]):
+        return "sha256"
+    if "saxpy" in leaf:
+        return "saxpy (OpenBLAS)"
+    if "libcrypto" in dso:
+        return "libcrypto (AES-GCM, EC, ...)"
+    if "libssl" in dso:
+        return "libssl"
+    if any(k in leaf for k in ("memcpy", "memmove", "memset")):
+        return "memcpy/memset"
+    if any(k in leaf for k in ("malloc", "free", "_int_", "realloc", "calloc")):
+        return "malloc/free"
+    if "sqlite" in dso:
+        return "SQLite"
+    if "protobuf" in dso:
+        return "protobuf-c"
+    if "kernel" in dso or leaf.startswith("[k]"):
+        if any(k in s for s in syms for k in ("fsync", "ext4_sync", "jbd2", "file_write")):
+            return "kernel: file I/O"
+        if any(k in s for s in syms for k in ("tcp_", "sock_", "ip_", "skb")):
+            return "kernel: TCP"
+        return "kernel: other"
+    if "cohortd" in dso:
+        return "cohortd code"
+    return "other"
+
+
+def samples(path):
+    p = subprocess.Popen(["perf", "script", "-i", path, "-F", "tid,ip,sym,dso"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         errors="replace")
+    tid, frames = None, []
+    for line in p.stdout:
+        line = line.rstrip("\n")
+        if not line.strip():
+            if tid is not None and frames:
+                yield tid, frames
+            tid, frames = None, []
+            continue
+        if not line.startswith(("\t", " ")) or tid is None and line.strip().split()[0].isdigit():
+            try:
+                tid = int(line.split()[0])
+            except ValueError:
+                tid = -1
+            frames = []
+            continue
+        parts = line.strip().split(None, 1)
+        if len(parts) < 2:
+            continue
+        rest = parts[1]
+        dso = ""
+        if rest.endswith(")") and "(" in rest:
+            dso = rest[rest.rfind("(") + 1:-1]
+            rest = rest[:rest.rfind("(")].strip()
+        sym = rest.split("+0x")[0]
+        frames.append((sym, dso))
+    if tid is not None and frames:
+        yield tid, frames
+    p.wait()
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    path = sys.argv[1]
+    top = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] == "--top" else 25
+    by = collections.Counter()
+    threads = collections.Counter()
+    total = 0
+    main_tid = None
+    for tid, frames in samples(path):
+        if main_tid is None or tid < main_tid:
+            main_tid = tid if main_tid is None else min(main_tid, tid)
+        ph = None
+        for sym, dso in frames:
+            if "kernel" in dso:
+                continue
+            hit = next((name for key, name in PHASES if sym.startswith(key)), None)
+            if hit:
+                ph = hit
+                break
+        if ph is None:
+            names = {s for s, _ in frames}
+            ph = next((name for keys, name in FALLBACK if any(k in names for k in keys)),
+                      "other")
+        by[(tid, ph, kind(frames))] += 1
+        threads[tid] += 1
+        total += 1
+    if not total:
+        sys.exit("no samples in %s" % path)
+    print("%d samples; loop thread = tid %d (%.1f%%), pool threads %.1f%%\n" % (
+        total, main_tid, 100.0 * threads[main_tid] / total,
+        100.0 * (total - threads[main_tid]) / total))
+    agg = collections.Counter()
+    for (tid, ph, k), n in by.items():
+        agg[("loop" if tid == main_tid else "pool", ph, k)] += n
+    print("| thread | phase | leaf kind | % of samples |")
+    print("| --- | --- | --- | ---: |")
+    for (th, ph, k), n in agg.most_common(top):
+        print("| %s | %s | %s | %.1f |" % (th, ph, k, 100.0 * n / total))
+    print()
+    phases = collections.Counter()
+    for (th, ph, k), n in agg.items():
+        phases[(th, ph)] += n
+    print("| thread | phase | % of samples |")
+    print("| --- | --- | ---: |")
+    for (th, ph), n in phases.most_common(top):
+        print("| %s | %s | %.1f |" % (th, ph, 100.0 * n / total))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+#!/usr/bin/python3
+"""Turns the benchmarks' JSON lines (BUILD/bench/results.jsonl) into the Markdown
+tables of docs/performance.md. The last line of each (name, params) wins, so a
+results file that several runs appended to shows the latest run.
+
+    report.py BUILD/bench/results.jsonl
+"""
+import json
+import sys
+
+
+def load(path):
+    last = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                o = json.loads(line)
+            except ValueError:
+                continue
+            key = (o.get("name"), json.dumps(o.get("params", {}), sort_keys=True))
+            last[key] = o
+    return list(last.values())
+
+
+def pick(rows, name, **params):
+    for r in rows:
+        if r.get("name") != name:
+            continue
+        p = r.get("params", {})
+        if all(p.get(k) == v for k, v in params.items()):
+            return r
+    return None
+
+
+def fmt(v, nd=2):
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        return ("%." + str(nd) + "f") % v
+    return str(v)
+
+
+def table(head, rows):
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join(" ---: " for _ in head) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |")
+    return "\n".join(out)
+
+
+def loads(rows, names):
+    la = [r.get("loadavg") for r in rows if r.get("name") in names and r.get("loadavg") is not None]
+    return "load average during these runs: %s–%s" % (min(la), max(la)) if la else ""
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    rows = load(sys.argv[1])
+    out = []
+
+    sizes = sorted({r["params"]["P"] for r in rows if r.get("name") == "fold_fedavg"})
+    if sizes:
+        t = []
+        for p in sizes:
+            g = lambda n: (pick(rows, n, P=p) or {}).get("value")
+            fa = pick(rows, "fold_fedavg", P=p) or {}
+            t.append([p, "%.1f" % (p * 4 / 1e6), g("fold_fedavg"), g("fold_fedau"), g("ref_axpy_c"),
+                      g("ref_triad_c"), fa.get("ratio"), fa.get("met"), g("vc_moments"),
+                      g("finite_chunk"), g("finite_model"), g("memcpy"), g("sha256")])
+        out.append("### fold (GB/s of update bytes, median of 11, one thread)\n")
+        out.append(table(["P", "MB", "FedAvg fold", "FedAU fold", "axpy (C)", "triad (C)",
+                          "FedAvg / axpy", "≥ 0.8", "vc moments", "finite (chunk loop)",
+                          "finite (model)", "memcpy", "sha256"], t))
+        aes = [r for r in rows if r.get("name", "").endswith("gcm_decrypt")]
+        if aes:
+            out.append("\nAES-GCM decryption, one core, OpenSSL EVP: " + ", ".join(
+                "%s %s-byte records %.2f GB/s" % (r["name"].split("_")[0], r["params"]["record_bytes"],
+                                                  r["value"]) for r in aes))
+        out.append("\n" + loads(rows, {"fold_fedavg"}) + "\n")
+
+    ing = [r for r in rows if r.get("name") == "ingest_upload"]
+    if ing:
+        t = []
+        for r in ing:
+            p = r["params"]
+            rd = pick(rows, "ingest_round", N=p["N"], P=p["P"]) or {}
+            cpu = pick(rows, "ingest_per_server_cpu", N=p["N"], P=p["P"]) or {}
+            rss = pick(rows, "ingest_server_rss", N=p["N"], P=p["P"]) or {}
+            t.append([p["N"], p["P"], r["value"], rd.get("value"), r["ref"]["value"],
+                      r.get("ratio"), r.get("met"), rd.get("ratio"), cpu.get("value"),
+                      cpu.get("ratio"), cpu.get("loop_thread_busy"), rss.get("value"),
+                      r.get("cipher", "")])
+        out.append("### ingest (rounds 2..R, cohort-loadgen clients, --durability relaxed)\n")
+        out.append(table(["N", "P", "upload GB/s", "offer→last ack GB/s", "AES-128-GCM 1 core",
+                          "upload / AES", "≥ 0.5", "offer→ack / AES", "GB per server CPU-s",
+                          "per CPU-s / AES", "loop thread busy", "server RSS MB", "cipher"], t))
+        out.append("\n" + loads(rows, {"ingest_upload"}) + "\n")
+
+    rt = [r for r in rows if r.get("name") == "round_time" and "value" in r]
+    if rt:
+        t = []
+        for r in rt:
+            p = r["params"]
+            m = pick(rows, "round_server_rss", N=p["N"], P=p["P"], durability=p["durability"]) or {}
+            ref = r.get("ref", {}).get("value")
+            mref = m.get("ref", {}).get("value")
+            t.append([p["N"], p["P"], p["durability"], r["value"], r.get("server_duration_median_s"),
+                      ref, r.get("better_x"), r.get("met"), m.get("value"), mref,
+                      m.get("better_x"), m.get("met"), r.get("server_cpu_s"),
+                      r.get("clients_cpu_s"), r.get("run_wall_s")])
+        out.append("### round (median of rounds 2..5; libcohort clients as threads of one process)\n")
+        out.append(table(["N", "P", "durability", "round s", "server-side s", "Flower s",
+                          "× better", "≥ 10×", "server peak RSS MB", "Flower MB", "× better",
+                          "≥ 10×", "cohortd CPU s (5 rounds)", "clients CPU s", "wall s"], t))
+        out.append("\n" + loads(rows, {"round_time"}) + "\n")
+
+    mem = [r for r in rows if r.get("name") == "memory_server_peak_rss"]
+    if mem:
+        idle = pick(rows, "memory_idle_server_rss", P=1000000) or {}
+        idle5 = pick(rows, "memory_idle_server_rss", P=100000) or {}
+        t = [[r["params"]["N"], r["value"], r["ref"]["value"], r.get("ratio"), r.get("met"),
+              r.get("rss_over_model"), r.get("rss_minus_idle_mib"), r.get("completed"),
+              r["params"].get("rounds"), r.get("kernel_tcp_mem_peak_mib")]
+             for r in sorted(mem, key=lambda r: r["params"]["N"])]
+        out.append("### memory (P = 1e6, model 3.81 MiB; idle cohortd with this model: %s MiB, "
+                   "with a P = 1e5 model: %s MiB)\n" % (fmt(idle.get("value"), 1),
+                                                       fmt(idle5.get("value"), 1)))
+        out.append(table(["N", "peak RSS MiB", "target MiB", "RSS / target", "met",
+                          "RSS / model", "RSS − idle MiB", "completed", "rounds",
+                          "host TCP buffers peak MiB"], t))
+        out.append("\n" + loads(rows, {"memory_server_peak_rss"}) + "\n")
+
+    hb = pick(rows, "scale_heartbeat_rtt_p99")
+    if hb:
+        rss = pick(rows, "scale_server_rss") or {}
+        sr = pick(rows, "scale_round_1000") or {}
+        out.append("### scale\n")
+        out.append(table(["connections", "connect s", "handshakes/s", "hb/s", "RTT p50 ms",
+                          "RTT p99 ms", "RTT p99.9 ms", "RTT max ms", "p99 ≤ 100 ms",
+                          "server RSS MiB", "KiB / conn", "≤ 1 GiB", "server CPU %",
+                          "server µs / hb"],
+                         [[hb.get("connected"), hb.get("connect_s"), hb.get("handshakes_per_s"),
+                           round(1000.0 / hb["params"]["hb_interval_ms"] * hb.get("connected", 0)),
+                           hb.get("rtt_p50_ms"), hb["value"], hb.get("rtt_p999_ms"),
+                           hb.get("rtt_max_ms"), hb.get("met"), rss.get("value"),
+                           rss.get("per_connection_kib"), rss.get("met"),
+                           hb.get("server_cpu_pct"), hb.get("server_cpu_us_per_hb")]]))
+        if sr:
+            out.append("\nRound with %s clients at P = %s: completed %s, median round %s s "
+                       "(server-side %s s), accepted per round %s, cohortd peak RSS %s MiB." % (
+                           sr["params"]["N"], sr["params"]["P"], fmt(sr.get("completed")),
+                           fmt(sr.get("value"), 3), sr.get("server_durations_s"),
+                           sr.get("accepted_per_round"), fmt(sr.get("server_peak_rss_mib"), 1)))
+        out.append("\n" + loads(rows, {"scale_heartbeat_rtt_p99", "scale_round_1000"}) + "\n")
+
+    sz = [r for r in rows if r.get("name") == "client_lib_size"]
+    if sz:
+        out.append("### client\n")
+        out.append(table(["library", "build type", "stripped KiB", "unstripped KiB"],
+                         [[r["params"]["kind"], r["params"]["buildtype"], r["value"],
+                           r.get("unstripped_kib")] for r in sz]))
+        base = pick(rows, "client_baseline_rss") or {}
+        crs = [r for r in rows if r.get("name") == "client_peak_rss"]
+        out.append("")
+        out.append(table(["client process", "peak RSS MiB", "target MiB", "RSS / target", "met",
+                          "RSS / model"],
+                         [[r["params"]["client"], r["value"], r["ref"]["value"], r.get("ratio"),
+                           r.get("met"), r.get("rss_over_model")] for r in crs]))
+        out.append("\nBaseline (libcohort + OpenSSL initialized, not connected): %s MiB.\n"
+                   % fmt(base.get("value"), 1))
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
