@@ -152,7 +152,8 @@ class Bench:
         if PERF_DIR:
             data = os.path.join(PERF_DIR, "perf-%s.data" % tag)
             proc.perf = subprocess.Popen(["perf", "record", "--call-graph", "dwarf,16384",
-                                          "-F", "999", "-q", "-o", data, "-p", str(proc.pid)], stdout=subprocess.DEVNULL,
+                                          "-F", "999", "-q", "-o", data, "-p", str(proc.pid)],
+                                         stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
             time.sleep(0.3)
         return proc, port, state
@@ -303,6 +304,14 @@ def bench_ingest(b, quick):
             continue
         per, summ, rss, rc, state = loadgen_upload(
             b, n, p, rounds, "ingest-%d-%d" % (n, p), ["--durability", "relaxed"])
+        for x in per:
+            # The raw timeline of every round (seconds since the load generator started).
+            tl = {k: x[k] for k in ("t_offer", "t_models", "t_first_begin", "t_last_end",
+                                    "t_last_ack", "t_result", "accepted",
+                                    "server_cpu_upload_s", "server_loop_cpu_upload_s",
+                                    "loadgen_cpu_upload_s", "server_cpu_round_s")}
+            emit({"name": "ingest_timeline", "params": {"N": n, "P": p,
+                                                        "round": x["params"]["round"]}, **tl})
         use = [x for x in per if x["params"]["round"] >= 2 and x["accepted"] == n]
         if len(use) < rounds - 1:
             emit({"name": "ingest", "params": {"N": n, "P": p}, "error":
@@ -436,7 +445,8 @@ def bench_memory(b, quick):
         ok = rc == 0 and all(x["accepted"] == n for x in per) and len(per) == rounds
         ratio_line("memory_server_peak_rss", {"N": n, "P": p, "rounds": rounds,
                                               "clients": "cohort-loadgen"},
-                   round(rss / MiB, 1), "MiB", "target_3xmodel_plus_64KiBxN", round(target / MiB, 1),
+                   round(rss / MiB, 1), "MiB", "target_3xmodel_plus_64KiBxN",
+                   round(target / MiB, 1),
                    target_ratio=1.0, met=rss <= target, model_mib=round(model / MiB, 2),
                    rss_over_model=round(rss / model, 2),
                    rss_minus_idle_mib=round((rss - base) / MiB, 1),
@@ -472,6 +482,8 @@ def bench_scale(b, quick):
                    failed=idle["failed"], connect_s=idle["connect_s"],
                    handshakes_per_s=idle["connect_rate"], server_cpu_pct=idle["server_cpu_pct"],
                    loadgen_cpu_pct=idle["loadgen_cpu_pct"], nofile_limit=idle["nofile_limit"],
+                   server_cpu_us_per_hb=idle.get("server_cpu_us_per_hb"),
+                   durability="full (default): one SQLite commit per Hello",
                    first_error=idle.get("first_error"))
         ratio_line("scale_server_rss", params, round(idle["server_rss_kib"] / 1024, 1), "MiB",
                    "target", 1024.0, target_ratio=1.0,
@@ -517,8 +529,8 @@ def bench_client(b, quick, src):
         shutil.copy(so, sso)
         run(["strip", "--strip-debug", sa])
         run(["strip", "--strip-unneeded", sso])
-        needed = [l.split("[")[1].rstrip("]") for l in run(["readelf", "-d", sso]).stdout.splitlines()
-                  if "NEEDED" in l]
+        dyn = run(["readelf", "-d", sso]).stdout.splitlines()
+        needed = [l.split("[")[1].rstrip("]") for l in dyn if "NEEDED" in l]
         emit({"name": "client_lib_size", "params": {"kind": "static", "buildtype": buildtype,
                                                     "stripped": "--strip-debug"},
               "value": round(file_size(sa) / 1024, 1), "unit": "KiB",

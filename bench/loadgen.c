@@ -958,7 +958,8 @@ static int run_idle(void)
            (double)nready / (t1 - t0), (unsigned long long)hb_sent_count,
            (unsigned long long)hb_recv_count, p50 * 1e3, p99 * 1e3, p999 * 1e3, mx * 1e3, w1 - w0,
            rss_connected, rss, hwm, (c1[0] - c0[0]) / (w1 - w0) * 100,
-           hb_sent_count ? (c1[0] - c0[0]) / (double)hb_sent_count * 1e6 : 0.0, (g1 - g0) / (w1 - w0) * 100, proc_status_kib(getpid(), "VmRSS"),
+           hb_sent_count ? (c1[0] - c0[0]) / (double)hb_sent_count * 1e6 : 0.0,
+           (g1 - g0) / (w1 - w0) * 100, proc_status_kib(getpid(), "VmRSS"),
            (unsigned long long)rl.rlim_cur, cipher);
     for (const char *p = first_error; *p; p++)
         if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)

@@ -48,6 +48,43 @@ FALLBACK = [
 ]
 
 
+# What the loop was doing, by priority (the first key found anywhere on the stack).
+CONTEXTS = [
+    ("handshake", "TLS handshake"),
+    ("on_hello", "Hello: register the client (SQLite)"),
+    ("on_heartbeat", "heartbeat reply"),
+    ("round_on_chunk", "upload: UpdateChunk"),
+    ("round_on_begin", "upload: UpdateBegin"),
+    ("round_on_end", "upload: UpdateEnd"),
+    ("fold_work", "fold job (pool)"),
+    ("fold_done", "fold done + UpdateAck"),
+    ("finalize_work", "finalize job (pool)"),
+    ("pump", "model broadcast"),
+    ("conn_send_blob", "model broadcast"),
+    ("send_offer", "model broadcast"),
+    ("on_write", "model broadcast (pump from on_write)"),
+    ("broadcast_result", "RoundResult broadcast"),
+    ("pstore_commit_round", "commit: SQLite transaction"),
+    ("finalize_done", "commit: other"),
+    ("finalize", "finalize (loop)"),
+    ("conn_sweep", "sweep timer"),
+    ("SSL_read", "receive: decrypt"),
+    ("on_read", "receive: socket to BIO"),
+]
+
+
+def context(frames):
+    names = [s for s, d in frames if "kernel" not in d]
+    for key, name in CONTEXTS:
+        if any(n == key or n.startswith(key + " ") for n in names):
+            return name
+    if any(n in ("__GI___libc_read", "__libc_read", "read") for n in names):
+        return "receive: recv"
+    if any(n == "epoll_wait" for n in names):
+        return "event loop"
+    return "other"
+
+
 def kind(frames):
     """frames: [(sym, dso)] leaf first."""
     syms = [s for s, _ in frames[:12]]
@@ -123,13 +160,14 @@ def main():
         sys.exit(__doc__)
     path = sys.argv[1]
     top = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] == "--top" else 25
+    ctxs = collections.Counter()
     by = collections.Counter()
     threads = collections.Counter()
     total = 0
-    main_tid = None
-    for tid, frames in samples(path):
-        if main_tid is None or tid < main_tid:
-            main_tid = tid if main_tid is None else min(main_tid, tid)
+    # The loop thread is the process's first thread: the smallest tid.
+    all_samples = list(samples(path))
+    main_tid = min((t for t, _ in all_samples), default=None)
+    for tid, frames in all_samples:
         ph = None
         for sym, dso in frames:
             if "kernel" in dso:
@@ -143,6 +181,7 @@ def main():
             ph = next((name for keys, name in FALLBACK if any(k in names for k in keys)),
                       "other")
         by[(tid, ph, kind(frames))] += 1
+        ctxs[("loop" if tid == main_tid else "pool", context(frames))] += 1
         threads[tid] += 1
         total += 1
     if not total:
@@ -157,6 +196,11 @@ def main():
     print("| --- | --- | --- | ---: |")
     for (th, ph, k), n in agg.most_common(top):
         print("| %s | %s | %s | %.1f |" % (th, ph, k, 100.0 * n / total))
+    print()
+    print("| thread | context | % of samples |")
+    print("| --- | --- | ---: |")
+    for (th, cx), n in ctxs.most_common(top):
+        print("| %s | %s | %.1f |" % (th, cx, 100.0 * n / total))
     print()
     phases = collections.Counter()
     for (th, ph, k), n in agg.items():

@@ -79,8 +79,9 @@ def main():
         aes = [r for r in rows if r.get("name", "").endswith("gcm_decrypt")]
         if aes:
             out.append("\nAES-GCM decryption, one core, OpenSSL EVP: " + ", ".join(
-                "%s %s-byte records %.2f GB/s" % (r["name"].split("_")[0], r["params"]["record_bytes"],
-                                                  r["value"]) for r in aes))
+                "%s %s-byte records %.2f GB/s" % (r["name"].split("_")[0],
+                                                  r["params"]["record_bytes"], r["value"])
+                for r in aes))
         out.append("\n" + loads(rows, {"fold_fedavg"}) + "\n")
 
     ing = [r for r in rows if r.get("name") == "ingest_upload"]
@@ -109,11 +110,13 @@ def main():
             m = pick(rows, "round_server_rss", N=p["N"], P=p["P"], durability=p["durability"]) or {}
             ref = r.get("ref", {}).get("value")
             mref = m.get("ref", {}).get("value")
-            t.append([p["N"], p["P"], p["durability"], r["value"], r.get("server_duration_median_s"),
+            t.append([p["N"], p["P"], p["durability"], r["value"],
+                      r.get("server_duration_median_s"),
                       ref, r.get("better_x"), r.get("met"), m.get("value"), mref,
                       m.get("better_x"), m.get("met"), r.get("server_cpu_s"),
                       r.get("clients_cpu_s"), r.get("run_wall_s")])
-        out.append("### round (median of rounds 2..5; libcohort clients as threads of one process)\n")
+        out.append("### round (median of rounds 2..5; libcohort clients as threads of one "
+                   "process)\n")
         out.append(table(["N", "P", "durability", "round s", "server-side s", "Flower s",
                           "× better", "≥ 10×", "server peak RSS MB", "Flower MB", "× better",
                           "≥ 10×", "cohortd CPU s (5 rounds)", "clients CPU s", "wall s"], t))

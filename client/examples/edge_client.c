@@ -114,23 +114,22 @@ static int parse_float(const char *opt, const char *s, float lo, float hi, float
     return 0;
 }
 
-/* Appends to a growing array of `size`-byte elements; doubles the capacity. */
-static int grow(void **p, size_t *cap, size_t need, size_t size)
+/* Makes room for `need` elements of `size` bytes in the array p with capacity
+ * *cap, doubling it. Returns the array (maybe moved), or NULL with p untouched. */
+static void *grow(void *p, size_t *cap, size_t need, size_t size)
 {
     if (need <= *cap)
-        return 0;
+        return p;
     size_t n = *cap ? *cap : 256;
     while (n < need) {
         if (n > SIZE_MAX / 2 / size)
-            return -1;
+            return NULL;
         n *= 2;
     }
-    void *q = realloc(*p, n * size);
-    if (!q)
-        return -1;
-    *p = q;
-    *cap = n;
-    return 0;
+    void *q = realloc(p, n * size);
+    if (q)
+        *cap = n;
+    return q;
 }
 
 /* Reads the CSV training set. Strict: a bad line is an error naming it. */
@@ -173,10 +172,12 @@ static int load_csv(const char *path, struct dataset *ds)
                         lineno, d + 1);
                 goto out;
             }
-            if (grow((void **)&ds->x, &xcap, ds->n * ds->d + d + 1, sizeof *ds->x) < 0) {
+            float *nx = grow(ds->x, &xcap, ds->n * ds->d + d + 1, sizeof *ds->x);
+            if (!nx) {
                 fprintf(stderr, "edge_client: %s: out of memory\n", path);
                 goto out;
             }
+            ds->x = nx;
             ds->x[(ds->n ? ds->n * ds->d : 0) + d] = v;
             d++;
             p = end + strspn(end, " \t");
@@ -193,10 +194,12 @@ static int load_csv(const char *path, struct dataset *ds)
                     path, lineno, d, ds->d);
             goto out;
         }
-        if (grow((void **)&ds->y, &ycap, ds->n + 1, sizeof *ds->y) < 0) {
+        uint32_t *ny = grow(ds->y, &ycap, ds->n + 1, sizeof *ds->y);
+        if (!ny) {
             fprintf(stderr, "edge_client: %s: out of memory\n", path);
             goto out;
         }
+        ds->y = ny;
         ds->y[ds->n++] = (uint32_t)label;
         if (label > ds->max_label)
             ds->max_label = (uint32_t)label;
@@ -289,7 +292,8 @@ static void decline(struct cohort_round *r, const char *why)
 }
 
 /* One round of softmax regression: `epochs` passes of per-example SGD over the
- * shuffled data, on r->params in place. Memory beyond the model: C floats. */
+ * shuffled data, on r->params in place; the loss reported is the last pass's
+ * mean, each example's taken before its step. Memory beyond the model: C floats. */
 static int train_softmax(struct app *a, struct cohort_round *r)
 {
     if (r->ntensors != 2) {
@@ -313,8 +317,10 @@ static int train_softmax(struct app *a, struct cohort_round *r)
         decline(r, why);
         return 0;
     }
-    if (grow((void **)&a->probs, &a->probs_cap, C, sizeof *a->probs) < 0)
+    float *np = grow(a->probs, &a->probs_cap, C, sizeof *a->probs);
+    if (!np)
         return COHORT_ENOMEM;
+    a->probs = np;
     float *W = r->params + tw->offset, *b = r->params + tb->offset, *p = a->probs;
     size_t n = a->data.n;
     double loss = 0;
@@ -355,6 +361,14 @@ static int train_softmax(struct app *a, struct cohort_round *r)
                     w[j] -= g * x[j];
                 b[c] -= g;
             }
+        }
+    }
+    /* A learning rate too large for the data diverges; the server would reject
+     * the NaNs anyway, a decline says why. */
+    for (size_t i = 0; i < C * D + C; i++) {
+        if (!isfinite(i < C * D ? W[i] : b[i - C * D])) {
+            decline(r, "training diverged (non-finite weights); lower --lr");
+            return 0;
         }
     }
     r->num_examples = n;
