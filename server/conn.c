@@ -320,6 +320,8 @@ void conn_resume(struct conn *c)
     if (!c->paused || c->state == CONN_CLOSING)
         return;
     c->paused = 0;
+    /* The wait was our back-pressure, not a slow sender: restart that clock. */
+    c->partial_since = 0;
     process(c);
     if (c->state != CONN_CLOSING && !c->paused)
         uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read);
@@ -642,7 +644,7 @@ void upload_release(struct conn *c)
     struct upload *u = &c->up;
     if (!u->active)
         return;
-    free(u->buf);
+    staging_put(c->srv, u->buf);
     EVP_MD_CTX_free(u->sha);
     memset(u, 0, sizeof *u);
     round_slot_freed(c->srv);

@@ -142,6 +142,11 @@ void round_fini(struct server *s)
     s->cur.vc_var_sum = NULL;
     free(s->slot_waiters);
     s->slot_waiters = NULL;
+    for (size_t i = 0; i < s->nstaging; i++)
+        free(s->staging[i]);
+    free(s->staging);
+    s->staging = NULL;
+    s->nstaging = 0;
     uv_close((uv_handle_t *)&grant_timer, NULL);
     uv_close((uv_handle_t *)&final_eval_timer, NULL);
     uv_close((uv_handle_t *)&s->round_timer, NULL);
@@ -600,7 +605,7 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
     }
     struct upload *u = &c->up;
     memset(u, 0, sizeof *u);
-    u->buf = malloc(s->global.numel ? s->global.numel * 4 : 4);
+    u->buf = staging_get(s);
     u->sha = EVP_MD_CTX_new();
     if (!u->buf || !u->sha || !EVP_DigestInit_ex(u->sha, EVP_sha256(), NULL)) {
         free(u->buf);
@@ -688,7 +693,7 @@ static void fold_done(uv_work_t *req, int status)
     fold_running = 0;
     metrics_fold_seconds(j->fold_s);
     s->cur.folds_inflight--;
-    free(j->delta);
+    staging_put(s, j->delta);
     j->delta = NULL;
     if (j->vars && j->round == s->cur.id && s->cur.vc_var_sum)
         for (size_t t = 0; t < s->global.ntensors; t++)
@@ -856,6 +861,38 @@ void round_upload_expired(struct server *s, struct conn *c)
                     s->cfg.upload_timeout_ms);
     conn_close(c, "upload not finished within %u ms", s->cfg.upload_timeout_ms);
     check_close(s);
+}
+
+float *staging_get(struct server *s)
+{
+    if (s->staging_numel != s->global.numel) {
+        for (size_t i = 0; i < s->nstaging; i++)
+            free(s->staging[i]);
+        s->nstaging = 0;
+        s->staging_numel = s->global.numel;
+    }
+    if (s->nstaging > 0)
+        return s->staging[--s->nstaging];
+    return malloc(s->global.numel ? s->global.numel * 4 : 4);
+}
+
+void staging_put(struct server *s, float *buf)
+{
+    if (!buf)
+        return;
+    size_t keep = s->cfg.max_uploads < 64 ? s->cfg.max_uploads : 64;
+    if (s->staging_numel == s->global.numel && s->nstaging < keep) {
+        if (!s->staging) {
+            s->staging = calloc(keep, sizeof *s->staging);
+            if (!s->staging) {
+                free(buf);
+                return;
+            }
+        }
+        s->staging[s->nstaging++] = buf;
+        return;
+    }
+    free(buf);
 }
 
 void round_slot_freed(struct server *s)

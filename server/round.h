@@ -28,6 +28,10 @@ void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_vie
 void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m);
 void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m);
 void round_slot_freed(struct server *s);
+/* Model-sized staging buffers, pooled: a fresh malloc per upload costs page
+ * faults on every byte (docs/performance.md). put(NULL) is a no-op. */
+float *staging_get(struct server *s);
+void staging_put(struct server *s, float *buf);
 /* A newer connection of the same client takes over old's offer in the open round. */
 void round_handover(struct server *s, struct conn *old, struct conn *c);
 /* 1 while the current round, offered to c, is not committed yet (its silence is

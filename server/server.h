@@ -162,6 +162,9 @@ struct server {
     uint32_t nconns, nready;
     uint32_t nevaluators;       /* READY connections with Hello.role "evaluator" (not in nready) */
 
+    float **staging;            /* free staging buffers (model-sized), reused across uploads */
+    size_t nstaging;
+    size_t staging_numel;
     struct conn **slot_waiters; /* connections waiting for an upload slot (FIFO) */
     size_t nwaiters, capwaiters;
 
