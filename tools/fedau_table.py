@@ -27,8 +27,13 @@ def main():
     for pat in ("bernoulli", "markov", "cyclic"):
         rows = {}
         secs = []
+        seeds = []
         for f in sorted(glob.glob(os.path.join(res, "%s-s*-summary.csv" % pat))):
-            for r in csv.DictReader(open(f)):
+            got = list(csv.DictReader(open(f)))
+            if sorted(r["spec"] for r in got) != sorted(SPECS):
+                continue  # a seed still running: compare complete seeds only
+            seeds.append(os.path.basename(f).split("-")[1])
+            for r in got:
                 rows.setdefault(r["spec"], []).append(float(r["final_acc"]))
                 secs.append(float(r["seconds"]))
         if not rows:
@@ -55,7 +60,7 @@ def main():
         series = []
         for spec in SPECS:
             curves = {}
-            for f in glob.glob(os.path.join(res, "%s-s*-%s.csv" % (pat, fname(spec)))):
+            for f in [os.path.join(res, "%s-%s-%s.csv" % (pat, sd, fname(spec))) for sd in seeds]:
                 for r in csv.DictReader(open(f)):
                     if r["test_accuracy"]:
                         curves.setdefault(int(r["round"]), []).append(float(r["test_accuracy"]))
