@@ -645,7 +645,6 @@ void upload_release(struct conn *c)
     if (!u->active)
         return;
     staging_put(c->srv, u->buf);
-    EVP_MD_CTX_free(u->sha);
     memset(u, 0, sizeof *u);
     round_slot_freed(c->srv);
 }

@@ -31,9 +31,7 @@ struct upload {
     uint64_t total;             /* bytes expected */
     double started;             /* loop seconds, for the upload deadline */
     uint64_t received;
-    size_t checked;             /* floats already checked for NaN/Inf */
     float *buf;
-    EVP_MD_CTX *sha;
 };
 
 struct conn {

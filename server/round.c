@@ -46,6 +46,11 @@ struct fold_job {
     const struct coh_model *global;
     double *vars;
     int vc_1d;
+    /* Verification on the pool (sha256 and finiteness are the costliest per-byte
+     * work; the loop thread only copies chunks): */
+    uint8_t expect[32];
+    int verdict;                /* 0, COHORT_ECHECKSUM or COHORT_ENONFINITE */
+    size_t bad_index;
 };
 
 struct finalize_job {
@@ -79,6 +84,8 @@ static double final_eval_deadline;      /* loop seconds */
 
 static void check_close(struct server *s);
 static void start_fold(struct server *s);
+static void verify_work(uv_work_t *req);
+static void verify_done(uv_work_t *req, int status);
 
 int round_jobs_inflight(struct server *s)
 {
@@ -606,10 +613,7 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
     struct upload *u = &c->up;
     memset(u, 0, sizeof *u);
     u->buf = staging_get(s);
-    u->sha = EVP_MD_CTX_new();
-    if (!u->buf || !u->sha || !EVP_DigestInit_ex(u->sha, EVP_sha256(), NULL)) {
-        free(u->buf);
-        EVP_MD_CTX_free(u->sha);
+    if (!u->buf) {
         memset(u, 0, sizeof *u);
         conn_send_error(c, COHORT_ENOMEM, b->round, 0, "server is out of memory; retry later");
         return 0;
@@ -652,19 +656,9 @@ void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_vie
         return;
     }
     memcpy((uint8_t *)u->buf + u->received, v->data, v->len);
-    EVP_DigestUpdate(u->sha, v->data, v->len);
     u->received += v->len;
     if (p)
         p->bytes = u->received;
-    /* Check finiteness while the chunk is still in cache. */
-    size_t upto = (size_t)(u->received / 4);
-    for (size_t i = u->checked; i < upto; i++) {
-        if (!isfinite(u->buf[i])) {
-            reject(s, c, p, COHORT_ENONFINITE, "update contains NaN or Inf (element %zu)", i);
-            return;
-        }
-    }
-    u->checked = upto;
 }
 
 static void fold_work(uv_work_t *req)
@@ -734,6 +728,67 @@ static void start_fold(struct server *s)
     uv_queue_work(s->loop, &j->req, fold_work, fold_done);
 }
 
+static void verify_work(uv_work_t *req)
+{
+    struct fold_job *j = req->data;
+    uint8_t digest[32];
+    unsigned int dl = 0;
+    if (!EVP_Digest(j->delta, j->n * sizeof(float), digest, &dl, EVP_sha256(), NULL) ||
+        CRYPTO_memcmp(digest, j->expect, 32) != 0) {
+        j->verdict = COHORT_ECHECKSUM;
+        return;
+    }
+    for (size_t i = 0; i < j->n; i++) {
+        if (!isfinite(j->delta[i])) {
+            j->verdict = COHORT_ENONFINITE;
+            j->bad_index = i;
+            return;
+        }
+    }
+}
+
+static void verify_done(uv_work_t *req, int status)
+{
+    struct fold_job *j = req->data;
+    struct server *s = j->s;
+    if (j->verdict == 0) {
+        if (fq_tail)
+            fq_tail->next = j;
+        else
+            fq_head = j;
+        fq_tail = j;
+        start_fold(s);
+        return;
+    }
+    char msg[160];
+    if (j->verdict == COHORT_ECHECKSUM)
+        snprintf(msg, sizeof msg, "sha256 of the update does not match UpdateEnd");
+    else
+        snprintf(msg, sizeof msg, "update contains NaN or Inf (element %zu)", j->bad_index);
+    struct part *p = j->round == s->cur.id ? find_part(s, j->client_id) : NULL;
+    if (p && p->status == PART_FOLDING) {
+        p->status = PART_REJECTED;
+        p->err = j->verdict;
+        p->finished = server_now(s);
+        snprintf(p->reason, sizeof p->reason, "%s", msg);
+    }
+    struct conn *c = idmap_get(&s->conns_by_id, j->conn_id);
+    char label[400] = "a closed connection";
+    if (c) {
+        conn_label(c, label, sizeof label);
+        conn_send_error(c, j->verdict, j->round, 0, "update rejected: %s", msg);
+    }
+    coh_warn("round", "round %llu: %s: update rejected: %s", (unsigned long long)j->round, label,
+             msg);
+    s->cur.folds_inflight--;
+    staging_put(s, j->delta);
+    free(j->vars);
+    free(j);
+    s->cur.uploads_active--;
+    uv_timer_start(&grant_timer, on_grant, 0, 0);
+    check_close(s);
+}
+
 void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
 {
     struct upload *u = &c->up;
@@ -757,11 +812,8 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
                (unsigned long long)u->received, (unsigned long long)u->total);
         return;
     }
-    uint8_t digest[32];
-    unsigned int dl = 0;
-    EVP_DigestFinal_ex(u->sha, digest, &dl);
-    if (m->sha256.len != 32 || CRYPTO_memcmp(digest, m->sha256.data, 32) != 0) {
-        reject(s, c, p, COHORT_ECHECKSUM, "sha256 of the update does not match UpdateEnd");
+    if (m->sha256.len != 32) {
+        reject(s, c, p, COHORT_ECHECKSUM, "UpdateEnd carries no sha256 of the update");
         return;
     }
     if (!p || s->cur.phase != PHASE_OPEN) {
@@ -795,6 +847,7 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     j->n = s->global.numel;
     j->weight = (float)w;
     j->acc = s->cur.acc;
+    memcpy(j->expect, m->sha256.data, 32);
     if (s->cfg.variance_correction) {
         j->global = &s->global;
         j->vc_1d = s->cfg.vc_include_1d;
@@ -807,18 +860,13 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     }
     p->raw_weight = w;
     p->status = PART_FOLDING;
-    /* The staging buffer (and its slot) now belongs to the fold job. */
+    /* The staging buffer (and its slot) now belongs to the job: verified on the
+     * pool (in parallel with other verifications), then folded (one at a time). */
     u->buf = NULL;
-    EVP_MD_CTX_free(u->sha);
-    u->sha = NULL;
     u->active = 0;
     s->cur.folds_inflight++;
-    if (fq_tail)
-        fq_tail->next = j;
-    else
-        fq_head = j;
-    fq_tail = j;
-    start_fold(s);
+    j->req.data = j;
+    uv_queue_work(s->loop, &j->req, verify_work, verify_done);
 }
 
 void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m)
