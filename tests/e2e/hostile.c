@@ -1124,5 +1124,7 @@ int main(int argc, char **argv)
     if (h.fd >= 0)
         close(h.fd);
     coh_frame_rx_fini(&h.rx);
+    for (size_t i = 0; i < h.offered.n; i++)
+        free(h.offered.names[i]);
     return rc;
 }
