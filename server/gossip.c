@@ -408,7 +408,7 @@ static void record_merge(struct server *s, struct merge_job *j, const char *name
     free(json);
 }
 
-static void maybe_merge(struct server *s);
+static int start_merge(struct server *s);
 
 static void merge_done(uv_work_t *req, int status)
 {
@@ -458,7 +458,7 @@ static void merge_done(uv_work_t *req, int status)
     free(j->layers);
     free(j);
     if (!s->stopping) {
-        maybe_merge(s);
+        start_merge(s);
         round_maybe_start(s);
     }
 }
@@ -515,11 +515,6 @@ static int start_merge(struct server *s)
     g->merge_running = 1;
     uv_queue_work(s->loop, &j->req, merge_work, merge_done);
     return 1;
-}
-
-static void maybe_merge(struct server *s)
-{
-    start_merge(s);
 }
 
 /* ---- local rounds ---- */

@@ -925,7 +925,7 @@ static int write_outputs(const struct gsim *g, struct series *res)
         first = 0;
     }
     fprintf(f, "\nset title 'std of the first weight tensor (mean over nodes)'\n"
-               "set ylabel 'weight std'\nset yrange [0:*]\nset key top right\nplot ");
+               "set ylabel 'weight std'\nset yrange [0:*]\nset key right center\nplot ");
     first = 1;
     for (int m = 0; m < M_COUNT; m++) {
         if (!res[m].ok)

@@ -137,6 +137,15 @@ class Net:
                 p.wait()
 
 
+def wait_for(cond, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(1)
+    return False
+
+
 def merges(net, nodes):
     return {i: net.query(i, "SELECT count(*) FROM merges")[0][0] for i in nodes}
 
@@ -152,16 +161,20 @@ def main():
             net.trainers[i] = net.start_trainer(i)
         alive = [i for i in range(N) if i not in KILL]
 
-        # Phase 1: everybody trains and merges.
-        time.sleep(14)
+        # Phase 1: everybody trains and merges (the trainers first load their data).
+        def rounds_of(nodes):
+            return {i: net.query(i, "SELECT max(round) FROM rounds")[0][0] or 0 for i in nodes}
+
+        wait_for(lambda: all(r >= 5 for r in rounds_of(range(N)).values()) and
+                 all(m > 0 for m in merges(net, range(N)).values()), 120)
         m1 = merges(net, range(N))
         t.ok(all(m1[i] > 0 for i in range(N)),
              "phase 1: every node merged (merges per node: %s)" % sorted(m1.values()))
         known = [net.query(i, "SELECT count(*) FROM peers")[0][0] for i in range(N)]
         t.ok(all(k > 2 for k in known),
              "peer exchange: every node knows more than its 2 seeds (peers rows: %s)" % known)
-        rounds = [net.query(i, "SELECT max(round) FROM rounds")[0][0] for i in range(N)]
-        t.ok(all(r and r >= 5 for r in rounds), "every node committed local rounds: %s" % rounds)
+        rounds = sorted(rounds_of(range(N)).values())
+        t.ok(all(r >= 5 for r in rounds), "every node committed local rounds: %s" % rounds)
         row = net.query(0, "SELECT method, models, variance FROM merges ORDER BY id LIMIT 1")[0]
         t.ok(row[0] == "variance-corrected" and row[1] >= 1 and '"fc1.weight":{"own":' in row[2],
              "merges rows record the method and per-layer variances: %s" % (row[:2],))
@@ -172,7 +185,10 @@ def main():
             net.nodes[i].send_signal(signal.SIGKILL)
             net.nodes[i].wait()
         m2 = merges(net, alive)
-        time.sleep(16)
+        r2 = rounds_of(alive)
+        # Long enough for 4 failures in a row (back-off 1 + 2 + 4 s) and 10 more rounds each.
+        time.sleep(12)
+        wait_for(lambda: all(r >= r2[i] + 10 for i, r in rounds_of(alive).items()), 90)
         m3 = merges(net, alive)
         after = net.mean_accuracy(alive)
         t.ok(all(m3[i] > m2[i] for i in alive),
@@ -194,7 +210,9 @@ def main():
         mg_before = net.query(BACK, "SELECT count(*) FROM merges")[0][0]
         acc_killed = net.accuracy(BACK)
         net.nodes[BACK] = net.start_node(BACK)
-        time.sleep(12)
+        time.sleep(5)
+        wait_for(lambda: rounds_of([BACK])[BACK] >= r_before + 15 and
+                 net.query(BACK, "SELECT count(*) FROM merges")[0][0] > mg_before + 5, 90)
         text = net.read_log(BACK)
         t.ok("resuming after %d local rounds" % r_before in text,
              "restarted node resumed from model.safetensors after round %d" % r_before)

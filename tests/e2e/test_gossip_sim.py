@@ -5,6 +5,7 @@ plain merging of independently initialised models shrinks the first layer's
 weight spread, variance-corrected merging keeps it at the initial level."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ def main():
         t.ok(float(data["plain"][-1]["sd_accuracy"]) > 0 and
              float(data["fl"][-1]["sd_accuracy"]) == 0,
              "gossip nodes differ, the federation has one model")
+    shutil.rmtree(out, ignore_errors=True)
     t.done()
 
 
