@@ -25,5 +25,9 @@ int cli_u64(const char *cmd, const char *opt, const char *v, uint64_t lo, uint64
 int cli_double(const char *cmd, const char *opt, const char *v, double lo, double hi, double *out);
 /* Path of the running executable's directory (for finding cohortd beside it). */
 int cli_self_dir(char *buf, size_t len);
+/* Helpers of the commands that start cohortd (demo, sim, sim --gossip). */
+int cli_free_port(void);
+int cli_port_accepts(int port);
+int cli_find_cohortd(char *out, size_t len);
 
 #endif

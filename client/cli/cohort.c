@@ -1,5 +1,8 @@
 /* `cohort`: dispatches to the subcommands. */
 #include <errno.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <inttypes.h>
 #include <libgen.h>
 #include <math.h>
@@ -49,6 +52,58 @@ int cli_self_dir(char *buf, size_t len)
     tmp[n] = '\0';
     snprintf(buf, len, "%s", dirname(tmp));
     return 0;
+}
+
+/* A free TCP port on 127.0.0.1 (the kernel picks it; a race with another process is
+ * possible but harmless for demos and simulations, which then fail to listen). */
+int cli_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t l = sizeof a;
+    int port = -1;
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
+        port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+/* 1 when something accepts TCP connections on 127.0.0.1:port. */
+int cli_port_accepts(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return 0;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
+/* cohortd beside this binary (build tree or install prefix), else the system one. */
+int cli_find_cohortd(char *out, size_t len)
+{
+    char dir[4096];
+    if (cli_self_dir(dir, sizeof dir) == 0) {
+        const char *cands[] = {"/../../server/cohortd", "/cohortd", "/../sbin/cohortd"};
+        for (size_t i = 0; i < 3; i++) {
+            snprintf(out, len, "%.3900s%s", dir, cands[i]);
+            if (access(out, X_OK) == 0)
+                return 0;
+        }
+    }
+    const char *sys[] = {"/usr/local/bin/cohortd", "/usr/bin/cohortd"};
+    for (size_t i = 0; i < 2; i++) {
+        if (access(sys[i], X_OK) == 0) {
+            snprintf(out, len, "%s", sys[i]);
+            return 0;
+        }
+    }
+    return -1;
 }
 
 static void usage(FILE *f)

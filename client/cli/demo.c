@@ -36,21 +36,6 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t l = sizeof a;
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
-        port = ntohs(a.sin_port);
-    close(fd);
-    return port;
-}
-
 static pid_t spawn(char *const argv[], const char *logpath)
 {
     pid_t pid = fork();
@@ -67,27 +52,6 @@ static pid_t spawn(char *const argv[], const char *logpath)
     execv(argv[0], argv);
     fprintf(stderr, "cannot run %s: %s\n", argv[0], strerror(errno));
     _exit(127);
-}
-
-static int find_cohortd(char *out, size_t len)
-{
-    char dir[4096];
-    if (cli_self_dir(dir, sizeof dir) == 0) {
-        const char *cands[] = {"/../../server/cohortd", "/cohortd", "/../sbin/cohortd"};
-        for (size_t i = 0; i < 3; i++) {
-            snprintf(out, len, "%.3900s%s", dir, cands[i]);
-            if (access(out, X_OK) == 0)
-                return 0;
-        }
-    }
-    const char *sys[] = {"/usr/local/bin/cohortd", "/usr/bin/cohortd"};
-    for (size_t i = 0; i < 2; i++) {
-        if (access(sys[i], X_OK) == 0) {
-            snprintf(out, len, "%s", sys[i]);
-            return 0;
-        }
-    }
-    return -1;
 }
 
 static void rm_state(const char *dir)
@@ -157,7 +121,7 @@ int demo_main(int argc, char **argv)
         }
     }
     char cohortd[4200], self[4200], sdir[4200], cdir[4200], ldir[4200], init[4200], path[4300];
-    if (find_cohortd(cohortd, sizeof cohortd) < 0) {
+    if (cli_find_cohortd(cohortd, sizeof cohortd) < 0) {
         fprintf(stderr, "cohort demo: cannot find the cohortd binary beside cohort; build the "
                         "whole project (meson compile -C build)\n");
         return 1;
@@ -237,10 +201,10 @@ int demo_main(int argc, char **argv)
     }
 
     if (!port)
-        port = (uint64_t)free_port();
+        port = (uint64_t)cli_free_port();
     if (!http_port) {
         do
-            http_port = (uint64_t)free_port();
+            http_port = (uint64_t)cli_free_port();
         while (http_port == port);
     }
     char listen[64], rbuf[32], ca[4300], scert[4300], skey[4300], logp[4300], http[64];

@@ -236,54 +236,6 @@ static int parse_spec(const char *s, struct spec *sp)
 
 /* ---- processes and files -------------------------------------------------------------- */
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t l = sizeof a;
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
-        port = ntohs(a.sin_port);
-    close(fd);
-    return port;
-}
-
-static int port_accepts(int port)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return 0;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    int ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    close(fd);
-    return ok;
-}
-
-static int find_cohortd(char *out, size_t len)
-{
-    char dir[4096];
-    if (cli_self_dir(dir, sizeof dir) == 0) {
-        const char *cands[] = {"/../../server/cohortd", "/cohortd", "/../sbin/cohortd"};
-        for (size_t i = 0; i < 3; i++) {
-            snprintf(out, len, "%.3900s%s", dir, cands[i]);
-            if (access(out, X_OK) == 0)
-                return 0;
-        }
-    }
-    const char *sys[] = {"/usr/local/bin/cohortd", "/usr/bin/cohortd"};
-    for (size_t i = 0; i < 2; i++) {
-        if (access(sys[i], X_OK) == 0) {
-            snprintf(out, len, "%s", sys[i]);
-            return 0;
-        }
-    }
-    return -1;
-}
-
 /* Forks and execs argv with stdout and stderr to logpath (or a pipe when pipefd >= 0). */
 static pid_t spawn(char *const argv[], const char *logpath, int pipefd)
 {
@@ -748,7 +700,7 @@ static int run_spec(const struct sim *sim, const struct spec *spec, struct resul
         fprintf(stderr, "cohort sim: cannot create %s: %s\n", path, strerror(errno));
         return -1;
     }
-    int port = free_port();
+    int port = cli_free_port();
     if (port <= 0) {
         fprintf(stderr, "cohort sim: no free TCP port on 127.0.0.1\n");
         return -1;
@@ -838,7 +790,7 @@ static int run_spec(const struct sim *sim, const struct spec *spec, struct resul
     }
     /* Clients started before the listener would only spin in their back-off. */
     double tl = now_s();
-    while (!port_accepts(port)) {
+    while (!cli_port_accepts(port)) {
         int st;
         if (waitpid(dpid, &st, WNOHANG) == dpid) {
             dexited = 1;
@@ -1338,7 +1290,7 @@ int sim_main(int argc, char **argv)
     FILE *sumf = NULL;
     struct result res[SIM_MAX_SPECS];
     memset(res, 0, sizeof res);
-    if (find_cohortd(sim.cohortd, sizeof sim.cohortd) < 0) {
+    if (cli_find_cohortd(sim.cohortd, sizeof sim.cohortd) < 0) {
         fprintf(stderr, "cohort sim: cannot find the cohortd binary beside cohort; build the "
                         "whole project (meson compile -C build)\n");
         coh_model_fini(&init);

@@ -136,59 +136,6 @@ static uint64_t point_step(const struct gsim *g, size_t p)
 
 /* ---- processes ---- */
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t l = sizeof a;
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
-        port = ntohs(a.sin_port);
-    close(fd);
-    return port;
-}
-
-static int port_accepts(int port)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return 0;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    int ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    close(fd);
-    return ok;
-}
-
-static int find_cohortd(char *out, size_t len)
-{
-    const char *env = getenv("COHORT_COHORTD");
-    if (env && access(env, X_OK) == 0) {
-        snprintf(out, len, "%s", env);
-        return 0;
-    }
-    char dir[4096];
-    if (cli_self_dir(dir, sizeof dir) == 0) {
-        const char *cands[] = {"/../../server/cohortd", "/cohortd", "/../sbin/cohortd"};
-        for (size_t i = 0; i < 3; i++) {
-            snprintf(out, len, "%.3900s%s", dir, cands[i]);
-            if (access(out, X_OK) == 0)
-                return 0;
-        }
-    }
-    const char *sys[] = {"/usr/local/bin/cohortd", "/usr/bin/cohortd"};
-    for (size_t i = 0; i < 2; i++) {
-        if (access(sys[i], X_OK) == 0) {
-            snprintf(out, len, "%s", sys[i]);
-            return 0;
-        }
-    }
-    return -1;
-}
-
 static pid_t spawn(char *const argv[], const char *logpath)
 {
     pid_t pid = fork();
@@ -599,7 +546,7 @@ static int run_method(struct gsim *g, int method, struct series *out)
         goto out;
     for (int i = 0; i < nd; i++) {
         do
-            ports[i] = free_port();
+            ports[i] = cli_free_port();
         while (ports[i] <= 0);
         for (int j = 0; j < i; j++)
             if (ports[j] == ports[i])
@@ -697,7 +644,7 @@ static int run_method(struct gsim *g, int method, struct series *out)
     }
     for (int i = 0; i < nd; i++) {
         double end = now_s() + 60;
-        while (!port_accepts(ports[i])) {
+        while (!cli_port_accepts(ports[i])) {
             int st;
             if (waitpid(pids[i], &st, WNOHANG) == pids[i] || now_s() > end || interrupted) {
                 pids[i] = 0;
@@ -1120,7 +1067,7 @@ int sim_gossip_main(int argc, char **argv)
         return 2;
     }
     g.npoints = (size_t)((g.steps + g.eval_every - 1) / g.eval_every) + 1;
-    if (find_cohortd(g.cohortd, sizeof g.cohortd) < 0) {
+    if (cli_find_cohortd(g.cohortd, sizeof g.cohortd) < 0) {
         fprintf(stderr, "cohort sim: cannot find cohortd (build it, or set COHORT_COHORTD)\n");
         return 1;
     }
