@@ -346,17 +346,21 @@ static int on_round(struct cohort_round *r, void *user)
     if (run->method != M_FL || t->index == 0)
         snapshot(t, r);
     if (t->trained >= g->steps) {
-        r->decline = 1;
-        snprintf(r->decline_reason, sizeof r->decline_reason, "simulation: all steps done");
         if (!t->finished) {
             t->finished = 1;
             atomic_fetch_add(&run->ndone, 1);
         }
-        /* A gossip node goes on merging without its trainer; a federation ends
-         * the run itself after the last round. */
-        if (run->method != M_FL)
-            cohort_client_stop(t->c);
-        return 0;
+        /* A node whose neighbours stopped pushing would no longer merge and drift
+         * towards its own labels, so a gossip trainer keeps training (without
+         * snapshots) until every node has taken its last snapshot. A federation
+         * ends the run itself after the last round. */
+        if (run->method == M_FL || atomic_load(&run->ndone) >= g->nodes) {
+            r->decline = 1;
+            snprintf(r->decline_reason, sizeof r->decline_reason, "simulation: all steps done");
+            if (run->method != M_FL)
+                cohort_client_stop(t->c);
+            return 0;
+        }
     }
     if (!t->have_view) {
         coh_model_init(&t->view);

@@ -15,6 +15,7 @@ learns the rest by peer exchange.
 """
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -165,14 +166,19 @@ def main():
         def rounds_of(nodes):
             return {i: net.query(i, "SELECT max(round) FROM rounds")[0][0] or 0 for i in nodes}
 
+        def known():
+            return [net.query(i, "SELECT count(*) FROM peers")[0][0] for i in range(N)]
+
+        # (The peers table is written every 5 s, so it lags the views a little.)
         wait_for(lambda: all(r >= 5 for r in rounds_of(range(N)).values()) and
-                 all(m > 0 for m in merges(net, range(N)).values()), 120)
+                 all(m > 0 for m in merges(net, range(N)).values()) and
+                 all(k > 2 for k in known()), 120)
         m1 = merges(net, range(N))
         t.ok(all(m1[i] > 0 for i in range(N)),
              "phase 1: every node merged (merges per node: %s)" % sorted(m1.values()))
-        known = [net.query(i, "SELECT count(*) FROM peers")[0][0] for i in range(N)]
-        t.ok(all(k > 2 for k in known),
-             "peer exchange: every node knows more than its 2 seeds (peers rows: %s)" % known)
+        k = known()
+        t.ok(all(n > 2 for n in k),
+             "peer exchange: every node knows more than its 2 seeds (peers rows: %s)" % k)
         rounds = sorted(rounds_of(range(N)).values())
         t.ok(all(r >= 5 for r in rounds), "every node committed local rounds: %s" % rounds)
         row = net.query(0, "SELECT method, models, variance FROM merges ORDER BY id LIMIT 1")[0]
@@ -264,6 +270,8 @@ def main():
         print("# %.1f s" % (time.time() - t0))
     finally:
         net.cleanup()
+    if not t.failed:
+        shutil.rmtree(net.dir, ignore_errors=True)
     t.done()
 
 

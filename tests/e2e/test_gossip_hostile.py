@@ -5,6 +5,7 @@ the link with a fatal Error; a good push is accepted and merged (--merge-after 1
 and its peer sample lands in the peers table."""
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -232,6 +233,8 @@ def main():
         if p.poll() is None:
             p.kill()
             p.wait()
+    if not t.failed:
+        shutil.rmtree(d, ignore_errors=True)
     t.done()
 
 
