@@ -329,22 +329,9 @@ static void ufr_unref(struct ufr *u)
 
 /* ---- connections ---- */
 
-static void conn_fail(struct conn *c, const char *fmt, ...)
+/* Marks c done and frees everything it holds. */
+static void conn_release(struct conn *c)
 {
-    if (c->state == S_DONE)
-        return;
-    char msg[400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    nfailed++;
-    if (!first_error[0])
-        snprintf(first_error, sizeof first_error, "client %d: %s", c->idx + 1, msg);
-    if (c->state < S_READY && inflight > 0)
-        inflight--;
-    else if (c->state == S_READY && nready > 0)
-        nready--;
     c->state = S_DONE;
     ndone++;
     if (c->fd >= 0) {
@@ -365,29 +352,31 @@ static void conn_fail(struct conn *c, const char *fmt, ...)
     c->uf = NULL;
 }
 
+static void conn_fail(struct conn *c, const char *fmt, ...)
+{
+    if (c->state == S_DONE)
+        return;
+    char msg[400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    nfailed++;
+    if (!first_error[0])
+        snprintf(first_error, sizeof first_error, "client %d: %s", c->idx + 1, msg);
+    if (c->state < S_READY && inflight > 0)
+        inflight--;
+    else if (c->state == S_READY && nready > 0)
+        nready--;
+    conn_release(c);
+}
+
 static void conn_finish(struct conn *c)
 {
     /* Orderly end (RunEnd): not a failure. */
     if (c->state == S_READY && nready > 0)
         nready--;
-    c->state = S_DONE;
-    ndone++;
-    if (c->fd >= 0) {
-        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
-        close(c->fd);
-        c->fd = -1;
-    }
-    SSL_free(c->ssl);
-    c->ssl = NULL;
-    free(c->body);
-    c->body = NULL;
-    while (c->qn > 0) {
-        free(c->q[c->qh].owned);
-        c->qh = (c->qh + 1) % QCAP;
-        c->qn--;
-    }
-    ufr_unref(c->uf);
-    c->uf = NULL;
+    conn_release(c);
 }
 
 static void enqueue(struct conn *c, const uint8_t *p, size_t len, uint8_t *owned, int is_end)

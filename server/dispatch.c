@@ -90,7 +90,7 @@ static void on_hello(struct conn *c, const Cohort__Hello *h)
         round_client_ready(s, c);
 }
 
-static void on_heartbeat(struct conn *c, const Cohort__Heartbeat *hb)
+void dispatch_heartbeat(struct conn *c, const Cohort__Heartbeat *hb)
 {
     /* While a model streams the link is busy anyway; replying would interleave
      * with chunk frames for no benefit. */
@@ -143,7 +143,7 @@ void dispatch_frame(struct conn *c, const uint8_t *frame, size_t len)
     }
     switch (e->body_case) {
     case COHORT__ENVELOPE__BODY_HEARTBEAT:
-        on_heartbeat(c, e->heartbeat);
+        dispatch_heartbeat(c, e->heartbeat);
         break;
     case COHORT__ENVELOPE__BODY_UPDATE_BEGIN:
         /* The round manager may keep the message while the upload waits for a slot. */

@@ -8,8 +8,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cohort.pb-c.h"
+
 struct conn;
 
 void dispatch_frame(struct conn *c, const uint8_t *frame, size_t len);
+/* Answers a Heartbeat (trainer and peer connections alike). */
+void dispatch_heartbeat(struct conn *c, const Cohort__Heartbeat *hb);
 
 #endif

@@ -23,6 +23,7 @@
 
 #include "cohort_err.h"
 #include "conn.h"
+#include "dispatch.h"
 #include "log.h"
 #include "pstore.h"
 #include "round.h"
@@ -813,20 +814,6 @@ static void rx_chunk(struct conn *c, const struct coh_chunk_view *v)
         rx_complete(c);
 }
 
-static void on_heartbeat(struct conn *c, const Cohort__Heartbeat *hb)
-{
-    if (hb->reply || c->send_blob)
-        return;
-    Cohort__Heartbeat r = COHORT__HEARTBEAT__INIT;
-    r.seq = hb->seq;
-    r.time_ms = hb->time_ms;
-    r.reply = 1;
-    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
-    e.body_case = COHORT__ENVELOPE__BODY_HEARTBEAT;
-    e.heartbeat = &r;
-    conn_send(c, &e);
-}
-
 void gossip_on_frame(struct conn *c, const uint8_t *frame, size_t len)
 {
     struct coh_chunk_view v;
@@ -861,7 +848,7 @@ void gossip_on_frame(struct conn *c, const uint8_t *frame, size_t len)
         rx_begin(c, e->gossip_push);
         break;
     case COHORT__ENVELOPE__BODY_HEARTBEAT:
-        on_heartbeat(c, e->heartbeat);
+        dispatch_heartbeat(c, e->heartbeat);
         break;
     case COHORT__ENVELOPE__BODY_ERROR: {
         char label[400];

@@ -6,6 +6,7 @@
 #ifndef COH_CLI_H
 #define COH_CLI_H
 
+#include <signal.h>
 #include <stdint.h>
 
 int client_main(int argc, char **argv);
@@ -29,5 +30,9 @@ int cli_self_dir(char *buf, size_t len);
 int cli_free_port(void);
 int cli_port_accepts(int port);
 int cli_find_cohortd(char *out, size_t len);
+/* Monotonic seconds. */
+double cli_now_s(void);
+/* Sleeps ms milliseconds, resuming after signals unless *stop became nonzero. */
+void cli_sleep_ms(long ms, volatile sig_atomic_t *stop);
 
 #endif

@@ -29,13 +29,6 @@
 
 #define MAX_CLIENTS 256
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static pid_t spawn(char *const argv[], const char *logpath)
 {
     pid_t pid = fork();
@@ -225,7 +218,7 @@ int demo_main(int argc, char **argv)
     printf("cohort demo: dashboard at http://%s/ (open it in a browser while the demo runs)\n",
            http);
     fflush(stdout);
-    double t0 = now_s();
+    double t0 = cli_now_s();
     pid_t dpid = spawn(dargv, logp);
     pid_t cpids[MAX_CLIENTS];
     char sbuf[32], bbuf[32], lrbuf[32];
@@ -300,7 +293,7 @@ int demo_main(int argc, char **argv)
                         coh_model_fini(&g);
                     }
                     printf("%5llu %12d %11.4f %9.4f %8.1f %8.1f\n", (unsigned long long)r, parts,
-                           tl, acc, dur, now_s() - t0);
+                           tl, acc, dur, cli_now_s() - t0);
                     fflush(stdout);
                     shown = r;
                     last_acc = acc;
@@ -352,7 +345,7 @@ int demo_main(int argc, char **argv)
     int ok = shown == rounds && WIFEXITED(dstatus) && WEXITSTATUS(dstatus) == 0;
     printf("accuracy=%.4f loss=%.4f after %llu rounds in %.1f s; %d of %llu clients finished "
            "cleanly\n",
-           last_acc, last_loss, (unsigned long long)shown, now_s() - t0, clients_ok,
+           last_acc, last_loss, (unsigned long long)shown, cli_now_s() - t0, clients_ok,
            (unsigned long long)nclients);
     printf("database: %s/cohort.db  checkpoints: %s/checkpoints/  logs: %s/\n", sdir, sdir, ldir);
     if (!ok)

@@ -145,20 +145,6 @@ static void on_interrupt(int sig)
     interrupted = sig;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR && !interrupted) {
-    }
-}
-
 /* A seed per (stream, client): splitmix64 of the mixed triple, so neighbouring
  * seeds and indices give unrelated streams. */
 static uint64_t derive_seed(uint64_t seed, uint64_t stream, uint64_t i)
@@ -575,7 +561,7 @@ static int eval_round(const struct sim *sim, const char *sdir, struct evals *ev,
 {
     char path[4400], err[512];
     snprintf(path, sizeof path, "%s/checkpoints/round-%06" PRIu64 ".safetensors", sdir, round);
-    double t0 = now_s();
+    double t0 = cli_now_s();
     struct coh_model g;
     double acc = NAN, loss = NAN;
     int rc = coh_st_load(path, NULL, &g, err, sizeof err);
@@ -583,7 +569,7 @@ static int eval_round(const struct sim *sim, const char *sdir, struct evals *ev,
         rc = nn_eval(&g, &sim->test, &acc, &loss, err, sizeof err);
         coh_model_fini(&g);
     }
-    ev->seconds += now_s() - t0;
+    ev->seconds += cli_now_s() - t0;
     if (rc < 0) {
         fprintf(stderr, "cohort sim: evaluating %s: %s\n", path, err);
         return -1;
@@ -595,7 +581,7 @@ static int eval_round(const struct sim *sim, const char *sdir, struct evals *ev,
 static void progress_line(const struct sim *sim, struct run *run, double t0, double *last,
                           int final)
 {
-    double t = now_s();
+    double t = cli_now_s();
     if (!sim->progress || (!final && t - *last < (sim->progress == 1 ? 0.5 : 10.0)))
         return;
     if (final && sim->progress != 1)
@@ -683,7 +669,7 @@ static void add_arg(char **av, int *n, const char *s)
 static int run_spec(const struct sim *sim, const struct spec *spec, struct result *res)
 {
     memset(res, 0, sizeof *res);
-    double t0 = now_s();
+    double t0 = cli_now_s();
     char rdir[4300], sdir[4400], path[4500], dlog[4500], clog[4500];
     snprintf(rdir, sizeof rdir, "%s/%s", sim->dir, spec->tag);
     snprintf(sdir, sizeof sdir, "%s/state", rdir);
@@ -789,7 +775,7 @@ static int run_spec(const struct sim *sim, const struct spec *spec, struct resul
         goto out;
     }
     /* Clients started before the listener would only spin in their back-off. */
-    double tl = now_s();
+    double tl = cli_now_s();
     while (!cli_port_accepts(port)) {
         int st;
         if (waitpid(dpid, &st, WNOHANG) == dpid) {
@@ -801,12 +787,12 @@ static int run_spec(const struct sim *sim, const struct spec *spec, struct resul
         }
         if (interrupted)
             goto out;
-        if (now_s() - tl > 20) {
+        if (cli_now_s() - tl > 20) {
             fprintf(stderr, "cohort sim: [%s] cohortd is not listening on %s after 20 s; see "
                             "%s\n", spec->text, listen, dlog);
             goto out;
         }
-        sleep_ms(20);
+        cli_sleep_ms(20, &interrupted);
     }
 
     char server[80];
@@ -871,7 +857,7 @@ static int run_spec(const struct sim *sim, const struct spec *spec, struct resul
         pthread_mutex_unlock(&run.mu);
     }
     pthread_attr_destroy(&attr);
-    res->setup_s = now_s() - t0;
+    res->setup_s = cli_now_s() - t0;
 
     /* Watch: failures, cohortd's exit, progress; evaluate checkpoints as they appear. */
     double last_progress = 0, dexit_at = 0;
@@ -886,7 +872,7 @@ static int run_spec(const struct sim *sim, const struct spec *spec, struct resul
         if (!dexited && waitpid(dpid, &st, WNOHANG) == dpid) {
             dexited = 1;
             dstatus = st;
-            dexit_at = now_s();
+            dexit_at = cli_now_s();
             if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
                 run_fail(&run, "cohortd exited with %s %d after round %" PRIu64,
                          WIFEXITED(st) ? "status" : "signal",
@@ -895,7 +881,7 @@ static int run_spec(const struct sim *sim, const struct spec *spec, struct resul
                 break;
             }
         }
-        if (dexited && now_s() - dexit_at > 15) {
+        if (dexited && cli_now_s() - dexit_at > 15) {
             run_fail(&run, "cohortd finished but %d of %zu clients are still running",
                      (int)(n - (size_t)atomic_load(&run.ndone)), n);
             break;
@@ -909,7 +895,7 @@ static int run_spec(const struct sim *sim, const struct spec *spec, struct resul
             continue;               /* catch up before sleeping */
         }
         progress_line(sim, &run, t0, &last_progress, 0);
-        sleep_ms(20);
+        cli_sleep_ms(20, &interrupted);
     }
     progress_line(sim, &run, t0, &last_progress, 1);
 
@@ -930,7 +916,7 @@ out:
         if (failed)
             kill(dpid, SIGTERM);
         while (waitpid(dpid, &st, WNOHANG) == 0 && waited < 200) {
-            sleep_ms(50);
+            cli_sleep_ms(50, &interrupted);
             waited++;
         }
         if (waited >= 200) {
@@ -955,7 +941,7 @@ out:
             read_rounds(sdir, sim->rounds, parts, loss, err, sizeof err) < 0)
             run_fail(&run, "%s", err);
         if (!atomic_load(&run.failed)) {
-            res->seconds = now_s() - t0;
+            res->seconds = cli_now_s() - t0;
             res->eval_s = ev.seconds;
             double sum = 0, psum = 0;
             int cnt = 0;
@@ -1341,7 +1327,7 @@ int sim_main(int argc, char **argv)
         setrlimit(RLIMIT_NOFILE, &rl);
     }
 
-    double t_setup = now_s();
+    double t_setup = cli_now_s();
     if (dir) {
         snprintf(sim.dir, sizeof sim.dir, "%s", dir);
         if (mkdir(sim.dir, 0755) < 0 && errno != EEXIST) {
@@ -1369,7 +1355,7 @@ int sim_main(int argc, char **argv)
                 sim.nclients, sim.cdir);
         goto done;
     }
-    double t_certs = now_s() - t_setup;
+    double t_certs = cli_now_s() - t_setup;
     if (fmnist_load(FMNIST_DEFAULT_DIR, 1, &sim.train, err, sizeof err) < 0 ||
         fmnist_load(FMNIST_DEFAULT_DIR, 0, &sim.test, err, sizeof err) < 0) {
         fprintf(stderr, "cohort sim: %s (install the Debian package dataset-fashion-mnist)\n", err);

@@ -115,19 +115,6 @@ static void on_interrupt(int sig)
     interrupted = sig;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 static uint64_t point_step(const struct gsim *g, size_t p)
 {
     uint64_t s = (uint64_t)p * g->eval_every;
@@ -172,18 +159,18 @@ static void stop_all(pid_t *pids, int n)
     for (int i = 0; i < n; i++)
         if (pids[i] > 0)
             kill(pids[i], SIGTERM);
-    double end = now_s() + 30;
+    double end = cli_now_s() + 30;
     for (int i = 0; i < n; i++) {
         if (pids[i] <= 0)
             continue;
         int st;
         while (waitpid(pids[i], &st, WNOHANG) == 0) {
-            if (now_s() > end) {
+            if (cli_now_s() > end) {
                 kill(pids[i], SIGKILL);
                 waitpid(pids[i], &st, 0);
                 break;
             }
-            sleep_ms(20);
+            cli_sleep_ms(20, &interrupted);
         }
         pids[i] = 0;
     }
@@ -545,7 +532,7 @@ static int run_method(struct gsim *g, int method, struct series *out)
     pthread_mutex_init(&run.mu, NULL);
     run.t = calloc((size_t)g->nodes, sizeof *run.t);
     int rc = -1, started = 0;
-    double t0 = now_s();
+    double t0 = cli_now_s();
     if (!pids || !ports || !run.t)
         goto out;
     for (int i = 0; i < nd; i++) {
@@ -647,16 +634,16 @@ static int run_method(struct gsim *g, int method, struct series *out)
         }
     }
     for (int i = 0; i < nd; i++) {
-        double end = now_s() + 60;
+        double end = cli_now_s() + 60;
         while (!cli_port_accepts(ports[i])) {
             int st;
-            if (waitpid(pids[i], &st, WNOHANG) == pids[i] || now_s() > end || interrupted) {
+            if (waitpid(pids[i], &st, WNOHANG) == pids[i] || cli_now_s() > end || interrupted) {
                 pids[i] = 0;
                 fprintf(stderr, "cohort sim: cohortd %d did not start; see %s/node-%d.log\n", i,
                         rdir, i);
                 goto out;
             }
-            sleep_ms(20);
+            cli_sleep_ms(20, &interrupted);
         }
     }
     /* Trainers: one libcohort client thread per node (fl: all on the one server). */
@@ -695,11 +682,11 @@ static int run_method(struct gsim *g, int method, struct series *out)
     pthread_attr_destroy(&attr);
     {
         double limit = (double)g->steps * (fl ? 2.0 : g->step_s * 4.0) + 300.0;
-        double last = now_s();
+        double last = cli_now_s();
         while (atomic_load(&run.ndone) < g->nodes) {
             if (interrupted || atomic_load(&run.failed))
                 break;
-            if (now_s() - t0 > limit) {
+            if (cli_now_s() - t0 > limit) {
                 run_fail(&run, "not done after %.0f s", limit);
                 break;
             }
@@ -716,8 +703,8 @@ static int run_method(struct gsim *g, int method, struct series *out)
                 run_fail(&run, "cohortd of node %d exited; see %s/node-%d.log", dead, rdir, dead);
                 break;
             }
-            if (now_s() - last >= 10) {
-                last = now_s();
+            if (cli_now_s() - last >= 10) {
+                last = cli_now_s();
                 uint64_t mn = UINT64_MAX, mx = 0, sum = 0;
                 for (int i = 0; i < g->nodes; i++) {
                     uint64_t k = run.t[i].trained;
@@ -727,10 +714,10 @@ static int run_method(struct gsim *g, int method, struct series *out)
                 }
                 fprintf(stderr, "cohort sim: %s: %.0f s, local steps per node min %" PRIu64
                         " mean %.1f max %" PRIu64 " of %" PRIu64 "\n",
-                        method_name[method], now_s() - t0, mn, (double)sum / g->nodes, mx,
+                        method_name[method], cli_now_s() - t0, mn, (double)sum / g->nodes, mx,
                         g->steps);
             }
-            sleep_ms(100);
+            cli_sleep_ms(100, &interrupted);
         }
     }
 stop:
@@ -739,7 +726,7 @@ stop:
     for (int i = 0; i < started; i++)
         pthread_join(run.t[i].th, NULL);
     stop_all(pids, nd);
-    out->seconds = now_s() - t0;
+    out->seconds = cli_now_s() - t0;
     if (interrupted) {
         fprintf(stderr, "cohort sim: interrupted\n");
     } else if (atomic_load(&run.failed) || started < g->nodes) {
