@@ -3,12 +3,13 @@
  * accounting, model streaming with a bounded send window, back-pressure and
  * closing. Loop thread only.
  *
- * Reads land in one server-wide buffer and are pushed into the connection's
- * read BIO at once, so an idle connection holds no read buffer. Ciphertext
- * produced by OpenSSL is moved from the write BIO into one heap block per
- * uv_write. A model is streamed chunk by chunk, only while less than
- * SEND_WINDOW bytes are queued for that connection, so broadcasting to many
- * clients costs O(window) per connection, not O(model).
+ * Reads land in one server-wide buffer that OpenSSL reads from directly
+ * (connio.c); only bytes left unread are kept, so an idle connection holds no
+ * read buffer. Ciphertext goes into pooled write buffers, written at once
+ * with uv_try_write when the socket takes it. A model is streamed in 16 KiB
+ * slices (one TLS record each) only while less than SEND_WINDOW bytes wait
+ * for the socket, so broadcasting to many clients costs at most about
+ * SEND_WINDOW + one record per connection, not O(model).
  */
 #include "conn.h"
 
@@ -28,15 +29,9 @@
 #include "server.h"
 #include "wire.h"
 
-#define SEND_WINDOW (512u << 10)
+#define SEND_WINDOW (16u << 10)
+#define SEND_SLICE (16u << 10)
 #define CLOSE_GRACE_S 5.0
-
-struct wreq {
-    uv_write_t req;
-    struct conn *c;
-    size_t len;
-    uint8_t data[];
-};
 
 static void process(struct conn *c);
 
@@ -66,6 +61,7 @@ static void conn_free(struct conn *c)
     blob_unref(c->send_blob);
     coh_frame_rx_fini(&c->rx);
     SSL_free(c->ssl); /* frees both BIOs */
+    connio_release(c);
     free(c);
 }
 
@@ -94,8 +90,8 @@ static void on_write(uv_write_t *req, int status)
 {
     struct wreq *w = (struct wreq *)req;
     struct conn *c = w->c;
-    c->tx_pending -= w->len;
-    free(w);
+    c->tx_pending -= w->len - w->off;
+    connio_wreq_put(w);
     if (status < 0 && c->state != CONN_CLOSING)
         conn_close(c, "write failed: %s", uv_strerror(status));
     else if (c->state == CONN_CLOSING && c->tx_pending == 0)
@@ -105,35 +101,40 @@ static void on_write(uv_write_t *req, int status)
     deref(c);
 }
 
-/* Moves whatever ciphertext OpenSSL produced onto the socket. */
-static void flush(struct conn *c)
+void conn_flush(struct conn *c)
 {
-    size_t n = BIO_ctrl_pending(c->wbio);
-    if (n == 0 || c->handle_closed || uv_is_closing((uv_handle_t *)&c->tcp)) {
-        if (n)
-            (void)BIO_reset(c->wbio);
+    struct wreq *w = c->out;
+    if (!w || w->len == 0)
+        return;
+    c->out = NULL;
+    if (c->handle_closed || uv_is_closing((uv_handle_t *)&c->tcp)) {
+        connio_wreq_put(w);
         return;
     }
-    struct wreq *w = malloc(sizeof *w + n);
-    if (!w) {
-        (void)BIO_reset(c->wbio);
-        coh_err("conn", "conn %llu: out of memory for %zu bytes of output; closing",
-                (unsigned long long)c->id, n);
+    c->bytes_out += w->len;
+    metrics_bytes_out(w->len);
+    /* Most writes fit the socket at once: then the buffer goes straight back to
+     * the pool. uv_try_write refuses while writes are queued, so order holds. */
+    uv_buf_t b = uv_buf_init((char *)w->data, (unsigned int)w->len);
+    int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (n == (int)w->len) {
+        connio_wreq_put(w);
+        return;
+    }
+    if (n < 0 && n != UV_EAGAIN) {
+        connio_wreq_put(w);
         force_close(c);
         return;
     }
-    int got = BIO_read(c->wbio, w->data, (int)n);
+    w->off = n > 0 ? (size_t)n : 0;
     w->c = c;
-    w->len = got > 0 ? (size_t)got : 0;
-    uv_buf_t b = uv_buf_init((char *)w->data, (unsigned int)w->len);
+    b = uv_buf_init((char *)w->data + w->off, (unsigned int)(w->len - w->off));
     c->refs++;
-    c->tx_pending += w->len;
-    c->bytes_out += w->len;
-    metrics_bytes_out(w->len);
+    c->tx_pending += w->len - w->off;
     int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
     if (rc < 0) {
-        c->tx_pending -= w->len;
-        free(w);
+        c->tx_pending -= w->len - w->off;
+        connio_wreq_put(w);
         c->refs--;
         force_close(c);
     }
@@ -165,7 +166,7 @@ int conn_send(struct conn *c, const Cohort__Envelope *e)
     int rc = ssl_write_all(c, buf, n);
     if (buf != stackbuf)
         free(buf);
-    flush(c);
+    conn_flush(c);
     return rc;
 }
 
@@ -187,26 +188,32 @@ void conn_send_error(struct conn *c, int code, uint64_t round, int fatal, const 
     conn_send(c, &e);
 }
 
+static size_t queued(const struct conn *c)
+{
+    return c->tx_pending + (c->out ? c->out->len : 0);
+}
+
 static void pump(struct conn *c)
 {
     struct model_blob *b = c->send_blob;
     if (!b || c->state == CONN_CLOSING)
         return;
-    int wrote = 0;
-    while (c->send_idx < b->nchunks && c->tx_pending + BIO_ctrl_pending(c->wbio) < SEND_WINDOW) {
-        size_t i = c->send_idx++;
-        if (ssl_write_all(c, b->frames + b->off[i], b->off[i + 1] - b->off[i]) < 0) {
+    /* The chunk frames lie back to back in b->frames, so the stream is just
+     * the byte range [off[0], off[nchunks]), sent in record-sized slices. */
+    size_t end = b->off[b->nchunks];
+    while (c->send_pos < end && queued(c) < SEND_WINDOW) {
+        size_t n = end - c->send_pos < SEND_SLICE ? end - c->send_pos : SEND_SLICE;
+        if (ssl_write_all(c, b->frames + c->send_pos, n) < 0) {
             conn_close(c, "TLS write failed while sending the model");
             return;
         }
-        wrote = 1;
+        c->send_pos += n;
+        conn_flush(c);
     }
-    if (c->send_idx >= b->nchunks) {
+    if (c->send_pos >= end) {
         blob_unref(b);
         c->send_blob = NULL;
     }
-    if (wrote)
-        flush(c);
 }
 
 void conn_finish_blob(struct conn *c)
@@ -214,21 +221,19 @@ void conn_finish_blob(struct conn *c)
     struct model_blob *b = c->send_blob;
     if (!b)
         return;
-    while (c->send_idx < b->nchunks) {
-        size_t i = c->send_idx++;
-        if (ssl_write_all(c, b->frames + b->off[i], b->off[i + 1] - b->off[i]) < 0)
-            break;
-    }
+    size_t end = b->off[b->nchunks];
+    if (c->send_pos < end)
+        (void)ssl_write_all(c, b->frames + c->send_pos, end - c->send_pos);
     blob_unref(b);
     c->send_blob = NULL;
-    flush(c);
+    conn_flush(c);
 }
 
 void conn_send_blob(struct conn *c, struct model_blob *b)
 {
     blob_unref(c->send_blob);
     c->send_blob = blob_ref(b);
-    c->send_idx = 0;
+    c->send_pos = b->off[0];
     pump(c);
 }
 
@@ -261,7 +266,7 @@ void conn_close(struct conn *c, const char *fmt, ...)
     /* A TLS close_notify after a final Error lets the peer read the reason. */
     if (SSL_is_init_finished(c->ssl)) {
         SSL_shutdown(c->ssl);
-        flush(c);
+        conn_flush(c);
     }
     if (c->tx_pending == 0)
         force_close(c);
@@ -279,7 +284,11 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     struct conn *c = h->data;
     buf->base = (char *)c->srv->readbuf;
-    buf->len = sizeof c->srv->readbuf;
+    /* Whatever a read brings in beyond what is processed stays with the
+     * connection (e.g. the start of an upload that must wait for a slot):
+     * only uploading connections read in large blocks. */
+    buf->len = c->up.active ? sizeof c->srv->readbuf : 16384;
+    (void)suggested;
 }
 
 /* A peer that goes away in the middle of a frame sent a truncated message: say so. */
@@ -308,11 +317,24 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     c->last_rx = server_now(c->srv);
     c->bytes_in += (uint64_t)nread;
     metrics_bytes_in((uint64_t)nread);
-    if (BIO_write(c->rbio, buf->base, (int)nread) != (int)nread) {
-        conn_close(c, "out of memory buffering input");
+    if (c->spill_len > c->spill_off) {
+        /* Older unread bytes go first: queue these behind them. */
+        if (connio_keep_input(c, (const uint8_t *)buf->base, (size_t)nread) < 0) {
+            conn_close(c, "out of memory buffering input");
+            return;
+        }
+        process(c);
         return;
     }
+    c->in = (const uint8_t *)buf->base;
+    c->in_len = (size_t)nread;
     process(c);
+    /* The shared read buffer is reused by the next read: keep what is left. */
+    if (c->in_len > 0 && c->state != CONN_CLOSING &&
+        connio_keep_input(c, c->in, c->in_len) < 0)
+        conn_close(c, "out of memory buffering input");
+    c->in = NULL;
+    c->in_len = 0;
 }
 
 void conn_resume(struct conn *c)
@@ -389,7 +411,7 @@ static void handshake(struct conn *c)
     ERR_clear_error();
     int rc = SSL_do_handshake(c->ssl);
     if (rc == 1) {
-        flush(c);
+        conn_flush(c);
         if (take_identity(c) < 0)
             return;
         c->state = CONN_HELLO;
@@ -402,12 +424,12 @@ static void handshake(struct conn *c)
     }
     int err = SSL_get_error(c->ssl, rc);
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-        flush(c);
+        conn_flush(c);
         return;
     }
     char why[300];
     ssl_reason(c->ssl, why, sizeof why);
-    flush(c); /* deliver the alert so the peer learns why */
+    conn_flush(c); /* deliver the alert so the peer learns why */
     char label[400];
     coh_warn("conn", "%s: TLS handshake failed: %s; refusing", conn_label(c, label, sizeof label),
              why);
@@ -467,12 +489,12 @@ static void process(struct conn *c)
         break;
     }
     if (c->state != CONN_CLOSING) {
-        flush(c);
+        conn_flush(c);
         if (!c->paused)
-            coh_frame_rx_trim(&c->rx, 65536);
+            coh_frame_rx_trim(&c->rx, 0);
         /* Slow senders (one byte a second) keep a connection "active" forever; a
          * frame or TLS record that stays incomplete too long closes it instead. */
-        int partial = coh_frame_rx_pending(&c->rx) > 0 || BIO_ctrl_pending(c->rbio) > 0;
+        int partial = coh_frame_rx_pending(&c->rx) > 0 || connio_in_pending(c) > 0;
         if (!partial)
             c->partial_since = 0;
         else if (c->partial_since == 0)
@@ -533,18 +555,10 @@ void conn_on_connection(uv_stream_t *listener, int status)
     }
     uv_tcp_nodelay(&c->tcp, 1);
     c->ssl = SSL_new(s->ssl_ctx);
-    c->rbio = BIO_new(BIO_s_mem());
-    c->wbio = BIO_new(BIO_s_mem());
-    if (!c->ssl || !c->rbio || !c->wbio) {
-        BIO_free(c->rbio);
-        BIO_free(c->wbio);
-        c->rbio = c->wbio = NULL;
+    if (!c->ssl || connio_attach(c) < 0) {
         force_close(c);
         return;
     }
-    /* An empty read BIO means "wait for more", not end of stream. */
-    BIO_set_mem_eof_return(c->rbio, -1);
-    SSL_set_bio(c->ssl, c->rbio, c->wbio);
     SSL_set_accept_state(c->ssl);
     coh_frame_rx_init(&c->rx, s->cfg.max_frame_bytes);
     c->state = CONN_HANDSHAKE;
@@ -592,15 +606,8 @@ struct conn *conn_dial(struct server *s, SSL_CTX *ctx, const struct sockaddr *ad
     c->state = CONN_HANDSHAKE;
     snprintf(c->peer, sizeof c->peer, "%s", label);
     c->ssl = SSL_new(ctx);
-    c->rbio = BIO_new(BIO_s_mem());
-    c->wbio = BIO_new(BIO_s_mem());
-    int ok = c->ssl && c->rbio && c->wbio;
-    if (!ok) {
-        BIO_free(c->rbio);
-        BIO_free(c->wbio);
-    } else {
-        BIO_set_mem_eof_return(c->rbio, -1);
-        SSL_set_bio(c->ssl, c->rbio, c->wbio);
+    int ok = c->ssl && connio_attach(c) == 0;
+    if (ok) {
         SSL_set_connect_state(c->ssl);
         /* The peer certificate must name the host we dialed, as for any TLS client. */
         X509_VERIFY_PARAM *vp = SSL_get0_param(c->ssl);

@@ -19,6 +19,16 @@
 struct server;
 struct model_blob;
 
+/* A block of ciphertext on its way to the socket (connio.c pools them). Sized
+ * for one full TLS record (16 KiB of plaintext plus record overhead). */
+#define CONN_WBUF (16384 + 512)
+struct wreq {
+    uv_write_t req;
+    struct conn *c;
+    size_t len, off;            /* bytes gathered; bytes already written by uv_try_write */
+    uint8_t data[CONN_WBUF];
+};
+
 /* CONN_PEER: a gossip peer link past Hello/Welcome (either direction); it is
  * never offered rounds and does not count as a ready client. */
 enum conn_state { CONN_HANDSHAKE = 0, CONN_HELLO, CONN_READY, CONN_CLOSING, CONN_PEER };
@@ -39,7 +49,14 @@ struct conn {
     uint64_t id;
     uv_tcp_t tcp;
     SSL *ssl;
-    BIO *rbio, *wbio;
+    /* Ciphertext I/O (connio.c): input borrowed from the loop's read buffer
+     * while on_read runs, what is left unread when it returns, and the write
+     * buffer OpenSSL is filling. */
+    const uint8_t *in;
+    size_t in_len;
+    uint8_t *spill;
+    size_t spill_off, spill_len, spill_cap;
+    struct wreq *out;
     int state;
     int refs;                   /* 1 for the handle + 1 per write in flight */
     int handle_closed;
@@ -57,7 +74,7 @@ struct conn {
     uint64_t offered_round;     /* last round offered on this connection */     /* bytes_in when the open round was offered to this conn */
 
     struct model_blob *send_blob; /* model being streamed, NULL when none */
-    size_t send_idx;
+    size_t send_pos;            /* next byte of send_blob->frames to encrypt */
 
     struct upload up;
     uint64_t discard_round;     /* chunks of a refused upload for this round are dropped */
@@ -98,6 +115,19 @@ void conn_resume(struct conn *c);
 void upload_release(struct conn *c);
 /* Called every second: handshake/idle timeouts, stuck closes. */
 void conn_sweep(struct server *s);
+/* Hands whatever ciphertext OpenSSL produced to the socket: written at once
+ * when the socket takes it, queued otherwise. */
+void conn_flush(struct conn *c);
+
+/* connio.c */
+int connio_init(void);
+int connio_attach(struct conn *c);          /* custom BIOs on c->ssl; 0 or -1 */
+void connio_release(struct conn *c);        /* frees unread input and unsent output */
+int connio_keep_input(struct conn *c, const uint8_t *p, size_t n);
+size_t connio_in_pending(const struct conn *c);
+struct wreq *connio_wreq_get(void);
+void connio_wreq_put(struct wreq *w);
+
 /* Label for logs: "conn 42 (CN=client-3, 127.0.0.1:5000)". */
 const char *conn_label(const struct conn *c, char *buf, size_t len);
 
