@@ -18,7 +18,8 @@ void coh_model_fini(struct coh_model *m)
     for (size_t i = 0; i < m->ntensors; i++)
         free(m->tensors[i].name);
     free(m->tensors);
-    free(m->data);
+    if (!m->borrowed)
+        free(m->data);
     memset(m, 0, sizeof *m);
 }
 

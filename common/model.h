@@ -26,11 +26,12 @@ struct coh_model {
     struct coh_tensor *tensors;
     size_t numel;                   /* total number of floats */
     float *data;                    /* numel floats, 64-byte aligned, or NULL before alloc */
+    int borrowed;                   /* data belongs to another owner: fini leaves it */
 };
 
 /* Empty model with no tensors. */
 void coh_model_init(struct coh_model *m);
-/* Frees names, tensor table and data; leaves m empty. Safe on an empty model. */
+/* Frees names, tensor table and data (unless borrowed); leaves m empty. Safe on an empty model. */
 void coh_model_fini(struct coh_model *m);
 /* Appends a tensor to the table (before coh_model_alloc). Checks name length,
  * ndim and overflow of the element count. Returns 0 or COHORT_EINVAL/ENOMEM/ETOOBIG. */

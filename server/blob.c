@@ -1,7 +1,11 @@
 /*
- * Model blobs: the global model serialized once per round as ModelChunk frames,
- * reference-counted and shared read-only by every connection that streams it.
- * blob_build runs on the thread pool; refs are touched on the loop thread only.
+ * Model blobs: the global model of a round, reference-counted and shared
+ * read-only by every connection that streams it. blob_build runs on the thread
+ * pool; refs are touched on the loop thread only.
+ *
+ * The model is not serialized ahead of time: each ModelChunk frame is a small
+ * header (made by blob_chunk_header) followed by a slice of the model data, so
+ * a round costs no model-sized frame buffer and no copy of the model.
  */
 #include <openssl/evp.h>
 #include <stdlib.h>
@@ -22,47 +26,46 @@ void blob_unref(struct model_blob *b)
 {
     if (!b || --b->refs > 0)
         return;
-    free(b->frames);
-    free(b->off);
+    free((void *)b->data);
     free(b);
 }
 
-int blob_build(const struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
+int blob_build(struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
                struct model_blob **out)
 {
     if (chunk_bytes < 1024)
         chunk_bytes = 1024;
+    if (m->borrowed)
+        return COHORT_EINVAL; /* its data already belongs to a blob */
     uint64_t total = (uint64_t)m->numel * 4;
-    size_t nchunks = total ? (size_t)((total + chunk_bytes - 1) / chunk_bytes) : 1;
     struct model_blob *b = calloc(1, sizeof *b);
     if (!b)
         return COHORT_ENOMEM;
     b->refs = 1;
     b->round = round;
-    b->nchunks = nchunks;
+    b->chunk_bytes = chunk_bytes;
+    b->nchunks = total ? (size_t)((total + chunk_bytes - 1) / chunk_bytes) : 1;
     b->total_bytes = total;
-    b->off = malloc((nchunks + 1) * sizeof *b->off);
-    b->frames = malloc(nchunks * coh_wire_chunk_frame_max(chunk_bytes));
-    EVP_MD_CTX *sha = EVP_MD_CTX_new();
-    if (!b->off || !b->frames || !sha || !EVP_DigestInit_ex(sha, EVP_sha256(), NULL)) {
-        EVP_MD_CTX_free(sha);
-        blob_unref(b);
+    unsigned int dl;
+    if (!EVP_Digest(m->data, (size_t)total, b->sha256, &dl, EVP_sha256(), NULL)) {
+        free(b);
         return COHORT_ENOMEM;
     }
-    const uint8_t *data = (const uint8_t *)m->data;
-    size_t pos = 0;
-    for (size_t i = 0; i < nchunks; i++) {
-        uint64_t off = (uint64_t)i * chunk_bytes;
-        size_t len = (size_t)(total - off < chunk_bytes ? total - off : chunk_bytes);
-        b->off[i] = pos;
-        pos += coh_wire_write_chunk(b->frames + pos, COH_CHUNK_MODEL, round, (uint32_t)i, off,
-                                    data + off, len, NULL);
-        EVP_DigestUpdate(sha, data + off, len);
-    }
-    b->off[nchunks] = pos;
-    unsigned int dl;
-    EVP_DigestFinal_ex(sha, b->sha256, &dl);
-    EVP_MD_CTX_free(sha);
+    b->data = m->data;
+    m->borrowed = 1;
     *out = b;
     return 0;
+}
+
+size_t blob_chunk_header(const struct model_blob *b, size_t i, uint8_t *hdr, size_t *data_off,
+                         size_t *data_len)
+{
+    uint64_t off = (uint64_t)i * b->chunk_bytes;
+    size_t len = (size_t)(b->total_bytes - off < b->chunk_bytes ? b->total_bytes - off
+                                                                 : b->chunk_bytes);
+    size_t pos;
+    (void)coh_wire_write_chunk(hdr, COH_CHUNK_MODEL, b->round, (uint32_t)i, off, NULL, len, &pos);
+    *data_off = (size_t)off;
+    *data_len = len;
+    return pos;
 }

@@ -193,24 +193,48 @@ static size_t queued(const struct conn *c)
     return c->tx_pending + (c->out ? c->out->len : 0);
 }
 
+/* Encrypts the next slice of the model being streamed: a chunk's frame header
+ * travels in one record with the start of its payload, the rest of the payload
+ * goes from the model data in record-sized slices. */
+static int stream_step(struct conn *c, struct model_blob *b)
+{
+    static uint8_t first[SEND_SLICE];
+    size_t doff, dlen;
+    int rc;
+    if (c->send_off == 0) {
+        size_t h = blob_chunk_header(b, c->send_idx, first, &doff, &dlen);
+        size_t n = dlen < SEND_SLICE - h ? dlen : SEND_SLICE - h;
+        memcpy(first + h, (const uint8_t *)b->data + doff, n);
+        rc = ssl_write_all(c, first, h + n);
+        c->send_off = n;
+    } else {
+        doff = c->send_idx * (size_t)b->chunk_bytes;
+        dlen = (size_t)(b->total_bytes - doff < b->chunk_bytes ? b->total_bytes - doff
+                                                                : b->chunk_bytes);
+        size_t n = dlen - c->send_off < SEND_SLICE ? dlen - c->send_off : SEND_SLICE;
+        rc = ssl_write_all(c, (const uint8_t *)b->data + doff + c->send_off, n);
+        c->send_off += n;
+    }
+    if (c->send_off >= dlen) {
+        c->send_idx++;
+        c->send_off = 0;
+    }
+    return rc;
+}
+
 static void pump(struct conn *c)
 {
     struct model_blob *b = c->send_blob;
     if (!b || c->state == CONN_CLOSING)
         return;
-    /* The chunk frames lie back to back in b->frames, so the stream is just
-     * the byte range [off[0], off[nchunks]), sent in record-sized slices. */
-    size_t end = b->off[b->nchunks];
-    while (c->send_pos < end && queued(c) < SEND_WINDOW) {
-        size_t n = end - c->send_pos < SEND_SLICE ? end - c->send_pos : SEND_SLICE;
-        if (ssl_write_all(c, b->frames + c->send_pos, n) < 0) {
+    while (c->send_idx < b->nchunks && queued(c) < SEND_WINDOW) {
+        if (stream_step(c, b) < 0) {
             conn_close(c, "TLS write failed while sending the model");
             return;
         }
-        c->send_pos += n;
         conn_flush(c);
     }
-    if (c->send_pos >= end) {
+    if (c->send_idx >= b->nchunks) {
         blob_unref(b);
         c->send_blob = NULL;
     }
@@ -221,9 +245,9 @@ void conn_finish_blob(struct conn *c)
     struct model_blob *b = c->send_blob;
     if (!b)
         return;
-    size_t end = b->off[b->nchunks];
-    if (c->send_pos < end)
-        (void)ssl_write_all(c, b->frames + c->send_pos, end - c->send_pos);
+    while (c->send_idx < b->nchunks)
+        if (stream_step(c, b) < 0)
+            break;
     blob_unref(b);
     c->send_blob = NULL;
     conn_flush(c);
@@ -233,7 +257,8 @@ void conn_send_blob(struct conn *c, struct model_blob *b)
 {
     blob_unref(c->send_blob);
     c->send_blob = blob_ref(b);
-    c->send_pos = b->off[0];
+    c->send_idx = 0;
+    c->send_off = 0;
     pump(c);
 }
 

@@ -74,7 +74,8 @@ struct conn {
     uint64_t offered_round;     /* last round offered on this connection */     /* bytes_in when the open round was offered to this conn */
 
     struct model_blob *send_blob; /* model being streamed, NULL when none */
-    size_t send_pos;            /* next byte of send_blob->frames to encrypt */
+    size_t send_idx;            /* chunk of send_blob being sent */
+    size_t send_off;            /* its payload bytes sent; 0: header not sent yet */
 
     struct upload up;
     uint64_t discard_round;     /* chunks of a refused upload for this round are dropped */

@@ -57,8 +57,10 @@ struct finalize_job {
     uv_work_t req;
     struct server *s;
     uint64_t round;
+    const struct coh_model *cur; /* s->global: read-only until finalize_done */
     struct coh_model next;
-    const float *acc;           /* NULL: empty round, model unchanged */
+    float *acc;                 /* the round's accumulator when written to, else NULL */
+    int apply;                  /* 0: nothing accepted, the model stays as it is */
     float scale;
     double *vc_target;          /* per tensor target variance, NULL: no correction */
     int vc_1d;
@@ -301,8 +303,11 @@ void round_maybe_start(struct server *s)
     r->opened_at = server_now(s);
     r->deadline_at = r->opened_at + s->cfg.round_timeout_s;
     server_iso_now(r->started_iso, sizeof r->started_iso);
-    free(r->acc);
-    r->acc = NULL;
+    if (r->acc && (r->acc_numel != s->global.numel || r->acc_dirty)) {
+        free(r->acc);
+        r->acc = NULL;
+        r->acc_dirty = 0;
+    }
     free(r->vc_var_sum);
     r->vc_var_sum = NULL;
     if (s->cfg.variance_correction)
@@ -828,7 +833,10 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
         return;
     }
     if (!s->cur.acc) {
+        /* Allocated once and zeroed by each finalize on the pool, so rounds do
+         * not fault in a fresh model-sized buffer. */
         s->cur.acc = calloc(s->global.numel ? s->global.numel : 1, sizeof(float));
+        s->cur.acc_numel = s->global.numel;
         if (!s->cur.acc) {
             reject(s, c, p, COHORT_ENOMEM, "server out of memory for the accumulator");
             return;
@@ -847,6 +855,7 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     j->n = s->global.numel;
     j->weight = (float)w;
     j->acc = s->cur.acc;
+    s->cur.acc_dirty = 1;
     memcpy(j->expect, m->sha256.data, 32);
     if (s->cfg.variance_correction) {
         j->global = &s->global;
@@ -955,9 +964,16 @@ void round_slot_freed(struct server *s)
 static void finalize_work(uv_work_t *req)
 {
     struct finalize_job *j = req->data;
-    if (j->acc)
+    if (coh_model_clone(&j->next, j->cur, 1) < 0) {
+        j->rc = COHORT_ENOMEM;
+        snprintf(j->err, sizeof j->err, "out of memory for the next model");
+        return;
+    }
+    if (j->acc && j->apply)
         fold_apply(j->next.data, j->acc, j->next.numel, j->scale);
-    if (j->acc && j->vc_target) {
+    if (j->acc)
+        memset(j->acc, 0, j->next.numel * sizeof(float));
+    if (j->acc && j->apply && j->vc_target) {
         for (size_t t = 0; t < j->next.ntensors; t++) {
             const struct coh_tensor *ten = &j->next.tensors[t];
             if (coh_vc_eligible(ten, j->vc_1d))
@@ -1084,8 +1100,8 @@ static void finalize_done(uv_work_t *req, int status)
     s->blob = j->blob;
     s->last_committed = j->round;
     gossip_on_commit(s);
-    free(r->acc);
-    r->acc = NULL;
+    if (j->acc)
+        r->acc_dirty = 0;
     free(j->vc_target);
     coh_notice("round",
                "round %llu: committed: %u of %u offered accepted, %llu examples, mean train loss "
@@ -1141,8 +1157,7 @@ static void finalize(struct server *s)
                              : raw ? r->parts[i].raw_weight
                                    : r->parts[i].raw_weight / divisor;
     struct finalize_job *j = calloc(1, sizeof *j);
-    if (!j || coh_model_clone(&j->next, &s->global, 1) < 0) {
-        free(j);
+    if (!j) {
         coh_err("round", "round %llu: out of memory finalizing", (unsigned long long)r->id);
         s->exit_code = 1;
         server_shutdown(s, 0, "out of memory");
@@ -1150,7 +1165,9 @@ static void finalize(struct server *s)
     }
     j->s = s;
     j->round = r->id;
-    j->acc = accepted ? r->acc : NULL;
+    j->cur = &s->global;
+    j->acc = r->acc_dirty ? r->acc : NULL;
+    j->apply = accepted > 0;
     j->scale = (float)(s->cfg.server_lr / divisor);
     j->durable = s->cfg.durable;
     j->vc_1d = s->cfg.vc_include_1d;

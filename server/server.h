@@ -79,23 +79,31 @@ void config_defaults(struct config *c);
 int server_client_allowed(const struct server *s, const char *name);
 void config_fini(struct config *c);
 
-/* The global model of the open round, serialized once into chunk frames and
- * shared read-only by every connection that sends it. */
+/* The global model of the open round, shared read-only by every connection
+ * that streams it: the blob owns the model's data (s->global borrows it), so
+ * a model being downloaded outlives its replacement until the last stream
+ * ends. Chunk frame headers are made as the stream goes (conn.c). */
 struct model_blob {
     int refs;
     uint64_t round;
     size_t nchunks;
-    uint8_t *frames;            /* all chunk frames back to back */
-    size_t *off;                /* nchunks + 1 offsets into frames */
+    uint32_t chunk_bytes;
+    const float *data;          /* owned: freed with the last reference */
     uint64_t total_bytes;       /* model data bytes */
     uint8_t sha256[32];         /* of the model data */
 };
 
 struct model_blob *blob_ref(struct model_blob *b);
 void blob_unref(struct model_blob *b);
-/* Builds the chunk frames of m for round (any thread). */
-int blob_build(const struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
+/* Hashes m's data and takes it over for round (any thread): on success m
+ * borrows its data from the blob. */
+int blob_build(struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
                struct model_blob **out);
+/* Encodes chunk i's frame header into hdr (at least COH_BLOB_HDR_MAX bytes);
+ * returns its length and sets where its payload starts in the model data. */
+#define COH_BLOB_HDR_MAX 64
+size_t blob_chunk_header(const struct model_blob *b, size_t i, uint8_t *hdr,
+                         size_t *data_off, size_t *data_len);
 
 enum part_status {
     PART_OFFERED = 0,
@@ -135,7 +143,9 @@ struct round {
     size_t nparts, capparts;
     uint32_t uploads_active;
     uint32_t folds_inflight;
-    float *acc;                 /* sum of raw_weight * delta */
+    float *acc;                 /* sum of raw_weight * delta; kept across rounds */
+    size_t acc_numel;
+    int acc_dirty;              /* folded into since the last finalize zeroed it */
     double *vc_var_sum;         /* per tensor: sum over accepted updates of Var(x + delta) */
     const char *close_reason;
 };
