@@ -12,7 +12,8 @@
  *                             same loop, per 256 KiB chunk)
  *   finite_model              common/model.c coh_model_all_finite (finalize's check)
  *   memcpy                    the staging copy of round_on_chunk
- *   sha256                    the update checksum (OpenSSL EVP)
+ *   sha256                    the update checksum before XXH3 (OpenSSL EVP)
+ *   xxh3                      the update checksum libcohort sends (common/checksum.c)
  *   aes128gcm / aes256gcm     TLS record decryption, 16 KiB records (EVP)
  * Every figure is GB/s (1e9 bytes/s) of update bytes (4 * P per pass), the median of
  * 11 samples, each sample at least ~64 MB of work; the folds' samples alternate with
@@ -22,6 +23,7 @@
  * usage: bench_fold [--sizes 100000,1000000,10000000] [--samples 11]
  */
 #include <cblas.h>
+#include "checksum.h"
 #include <math.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -40,7 +42,8 @@
 
 enum kern {
     K_FEDAVG, K_FEDAU, K_AXPY, K_TRIAD, K_MOMENTS, K_FINITE_CHUNK, K_FINITE_MODEL, K_MEMCPY,
-    K_SHA256
+    K_SHA256,
+    K_XXH3
 };
 
 struct arrays {
@@ -84,6 +87,12 @@ static void run(struct arrays *a, enum kern k)
     case K_FINITE_CHUNK: a->sink += finite_like_round(a->delta, n, (256u << 10) / 4); break;
     case K_FINITE_MODEL: a->sink += coh_model_all_finite(&a->model); break;
     case K_MEMCPY: memcpy(a->out, a->delta, n * 4); break;
+    case K_XXH3: {
+        uint8_t d[COH_XXH_LEN];
+        coh_xxh128(a->delta, n * 4, d);
+        a->sink += d[0];
+        break;
+    }
     case K_SHA256: {
         uint8_t d[32];
         unsigned dl;
@@ -234,7 +243,7 @@ int main(int argc, char **argv)
             const char *name;
         } side[] = {{K_MOMENTS, "vc_moments"},     {K_FINITE_CHUNK, "finite_chunk"},
                     {K_FINITE_MODEL, "finite_model"}, {K_MEMCPY, "memcpy"},
-                    {K_SHA256, "sha256"}};
+                    {K_SHA256, "sha256"}, {K_XXH3, "xxh3"}};
         for (size_t i = 0; i < sizeof side / sizeof side[0]; i++) {
             double v = measure(&a, side[i].k, samples);
             bench_json(side[i].name, params, v, "GB/s", "axpy_c", axpy, NULL);

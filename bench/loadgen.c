@@ -55,6 +55,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "checksum.h"
 #include "bench_aes.h"
 #include "bench_util.h"
 #include "frame.h"
@@ -279,7 +280,7 @@ static struct ufr *ufr_build(const Cohort__RoundOffer *of)
         update_floats = total / 4;
         update = bench_alloc(total);
         bench_fill(update, update_floats, 7);
-        EVP_Digest(update, total, update_sha, NULL, EVP_sha256(), NULL);
+        coh_xxh128(update, total, update_sha); /* as libcohort sends it */
     }
     struct ufr *u = calloc(1, sizeof *u);
     u->refs = 1;
@@ -307,8 +308,8 @@ static struct ufr *ufr_build(const Cohort__RoundOffer *of)
     u->chunks_len = pos;
     Cohort__UpdateEnd ue = COHORT__UPDATE_END__INIT;
     ue.round = of->round;
-    ue.sha256.data = update_sha;
-    ue.sha256.len = 32;
+    ue.xxh3.data = update_sha;
+    ue.xxh3.len = COH_XXH_LEN;
     ue.train_loss = 0.5;
     e.body_case = COHORT__ENVELOPE__BODY_UPDATE_END;
     e.update_end = &ue;

@@ -633,7 +633,8 @@ COHORT_API int cohort_client_new(cohort_client **out, const cohort_opts *o)
         c->wake[0] = c->wake[1] = -1;
         goto fail;
     }
-    if (!(c->bio_meth = make_bio_method()) || !(c->md = EVP_MD_CTX_new()))
+    if (!(c->bio_meth = make_bio_method()) || !(c->md = EVP_MD_CTX_new()) ||
+        !(c->xxh = coh_xxh_new()))
         goto fail;
     rc = make_ssl_ctx(&c->o, &c->ctx);
     if (rc < 0)
@@ -673,6 +674,7 @@ COHORT_API void cohort_client_free(cohort_client *c)
     SSL_CTX_free(c->ctx);
     BIO_meth_free(c->bio_meth);
     EVP_MD_CTX_free(c->md);
+    coh_xxh_free(c->xxh);
     if (c->wake[0] >= 0)
         close(c->wake[0]);
     if (c->wake[1] >= 0)
@@ -1288,10 +1290,10 @@ static int check_offer(struct cohort_client *c, const Cohort__RoundOffer *of, si
     if (of->chunk_count == 0 || of->chunk_count > of->total_bytes)
         return set_error(c, COHORT_EFRAME, "offer for round %" PRIu64 " announces %u chunks "
                          "for %" PRIu64 " bytes; closing", r, of->chunk_count, of->total_bytes);
-    if (of->model_sha256.len != 32)
-        return set_error(c, COHORT_EFRAME, "offer for round %" PRIu64 " carries a %zu-byte "
-                         "model checksum instead of a SHA-256; closing", r,
-                         of->model_sha256.len);
+    if (of->model_xxh3.len != COH_XXH_LEN && of->model_sha256.len != 32)
+        return set_error(c, COHORT_EFRAME, "offer for round %" PRIu64 " carries no usable "
+                         "model checksum (XXH3-128: %zu bytes, SHA-256: %zu bytes); closing", r,
+                         of->model_xxh3.len, of->model_sha256.len);
     if (!layout_equal(&c->lay, of) && of->n_tensors > 1) {
         const char **names = malloc(of->n_tensors * sizeof *names);
         if (!names)
@@ -1382,7 +1384,11 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
 {
     uint64_t round = of->round, off = 0;
     uint8_t *dst = (uint8_t *)c->global;
-    EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
+    int use_xxh = of->model_xxh3.len == COH_XXH_LEN;
+    if (use_xxh)
+        coh_xxh_reset(c->xxh);
+    else
+        EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
     for (uint32_t i = 0; i < of->chunk_count;) {
         const uint8_t *f;
         size_t flen;
@@ -1432,7 +1438,10 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
                              v.round, v.offset, v.len, off, of->total_bytes);
         }
         memcpy(dst + off, v.data, v.len);
-        EVP_DigestUpdate(c->md, v.data, v.len);
+        if (use_xxh)
+            coh_xxh_update(c->xxh, v.data, v.len);
+        else
+            EVP_DigestUpdate(c->md, v.data, v.len);
         off += v.len;
         i++;
         coh_wire_free(env);
@@ -1443,10 +1452,18 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
                          round, off, of->total_bytes);
     uint8_t md[EVP_MAX_MD_SIZE];
     unsigned mdlen = 0;
-    EVP_DigestFinal_ex(c->md, md, &mdlen);
-    if (mdlen != 32 || memcmp(md, of->model_sha256.data, 32) != 0)
+    int bad;
+    if (use_xxh) {
+        coh_xxh_final(c->xxh, md);
+        bad = memcmp(md, of->model_xxh3.data, COH_XXH_LEN) != 0;
+    } else {
+        EVP_DigestFinal_ex(c->md, md, &mdlen);
+        bad = mdlen != 32 || memcmp(md, of->model_sha256.data, 32) != 0;
+    }
+    if (bad)
         return set_error(c, COHORT_ECHECKSUM, "the model of round %" PRIu64 " does not match "
-                         "its SHA-256 (corrupted in transit?); reconnecting", round);
+                         "its %s (corrupted?); reconnecting", round,
+                         use_xxh ? "XXH3-128" : "SHA-256");
     swap_f32(c->global, (size_t)of->total_bytes);
     return 0;
 }
@@ -1510,7 +1527,7 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
     rc = tx_reserve(c, coh_wire_chunk_frame_max(chunk));
     if (rc < 0)
         return rc;
-    EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
+    coh_xxh_reset(c->xxh);
     const uint8_t *src = (const uint8_t *)c->params;
     uint32_t index = 0;
     for (size_t off = 0; off < total; off += chunk, index++) {
@@ -1518,19 +1535,18 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
         size_t flen = coh_wire_write_chunk(c->tx, COH_CHUNK_UPDATE, round, index, off,
                                            src + off, n, &pos);
         swap_f32(c->tx + pos, n);
-        EVP_DigestUpdate(c->md, c->tx + pos, n);
+        coh_xxh_update(c->xxh, c->tx + pos, n);
         rc = write_all(c, c->tx, flen);
         if (rc < 0)
             return rc;
     }
-    uint8_t md[EVP_MAX_MD_SIZE];
-    unsigned mdlen = 0;
-    EVP_DigestFinal_ex(c->md, md, &mdlen);
+    uint8_t md[COH_XXH_LEN];
+    coh_xxh_final(c->xxh, md);
 
     Cohort__UpdateEnd ue = COHORT__UPDATE_END__INIT;
     ue.round = round;
-    ue.sha256.data = md;
-    ue.sha256.len = mdlen;
+    ue.xxh3.data = md;
+    ue.xxh3.len = sizeof md;
     ue.train_loss = train_loss;
     e.body_case = COHORT__ENVELOPE__BODY_UPDATE_END;
     e.update_end = &ue;

@@ -15,6 +15,8 @@
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 
+#include "checksum.h"
+
 #include "cohort.h"
 #include "frame.h"
 /* rng.h uses unsigned __int128 without __extension__, which -Wpedantic flags. */
@@ -63,7 +65,8 @@ struct cohort_client {
     struct cohort_opts o;               /* deep copy of the caller's options */
     SSL_CTX *ctx;
     BIO_METHOD *bio_meth;               /* socket BIO that sends with MSG_NOSIGNAL */
-    EVP_MD_CTX *md;
+    EVP_MD_CTX *md;             /* sha256: models from servers that send only that */
+    struct coh_xxh *xxh;        /* XXH3-128: updates, and models that carry it */
     struct coh_rng rng;                 /* back-off jitter */
 
     atomic_int stop;                    /* set by cohort_client_stop() */

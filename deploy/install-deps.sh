@@ -20,7 +20,7 @@ done
 pkgs=(
   build-essential pkg-config meson ninja-build
   libuv1-dev libprotobuf-c-dev protobuf-c-compiler libssl-dev openssl
-  libopenblas-dev libsqlite3-dev sqlite3 libcmocka-dev zlib1g-dev libcjson-dev
+  libopenblas-dev libsqlite3-dev sqlite3 libcmocka-dev zlib1g-dev libcjson-dev libxxhash-dev
   dataset-fashion-mnist python3 valgrind gnuplot-nox
   libinih-dev libhttp-parser-dev python3-prometheus-client
   # the dashboard test (e2e-dashboard) drives headless Chromium; about 40 s to install

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "checksum.h"
 #include "cohort_err.h"
 #include "server.h"
 #include "wire.h"
@@ -51,6 +52,7 @@ int blob_build(struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
         free(b);
         return COHORT_ENOMEM;
     }
+    coh_xxh128(m->data, (size_t)total, b->xxh3);
     b->data = m->data;
     m->borrowed = 1;
     *out = b;

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "checksum.h"
 #include "cohort_err.h"
 #include "conn.h"
 #include "varcorr.h"
@@ -46,9 +47,10 @@ struct fold_job {
     const struct coh_model *global;
     double *vars;
     int vc_1d;
-    /* Verification on the pool (sha256 and finiteness are the costliest per-byte
-     * work; the loop thread only copies chunks): */
+    /* Verification on the pool (the checksum and finiteness are the costliest
+     * per-byte work; the loop thread only copies chunks): */
     uint8_t expect[32];
+    int expect_xxh3;            /* expect holds an XXH3-128, else a sha256 */
     int verdict;                /* 0, COHORT_ECHECKSUM or COHORT_ENONFINITE */
     size_t bad_index;
 };
@@ -186,6 +188,8 @@ static void send_offer(struct server *s, struct conn *c, int eval)
     o.tensors = ptrs;
     o.total_bytes = s->blob->total_bytes;
     o.chunk_count = (uint32_t)s->blob->nchunks;
+    o.model_xxh3.data = s->blob->xxh3;
+    o.model_xxh3.len = sizeof s->blob->xxh3;
     o.model_sha256.data = s->blob->sha256;
     o.model_sha256.len = 32;
     double left = s->cur.deadline_at - server_now(s);
@@ -738,8 +742,14 @@ static void verify_work(uv_work_t *req)
     struct fold_job *j = req->data;
     uint8_t digest[32];
     unsigned int dl = 0;
-    if (!EVP_Digest(j->delta, j->n * sizeof(float), digest, &dl, EVP_sha256(), NULL) ||
-        CRYPTO_memcmp(digest, j->expect, 32) != 0) {
+    if (j->expect_xxh3) {
+        coh_xxh128(j->delta, j->n * sizeof(float), digest);
+        if (memcmp(digest, j->expect, COH_XXH_LEN) != 0) {
+            j->verdict = COHORT_ECHECKSUM;
+            return;
+        }
+    } else if (!EVP_Digest(j->delta, j->n * sizeof(float), digest, &dl, EVP_sha256(), NULL) ||
+               CRYPTO_memcmp(digest, j->expect, 32) != 0) {
         j->verdict = COHORT_ECHECKSUM;
         return;
     }
@@ -767,7 +777,8 @@ static void verify_done(uv_work_t *req, int status)
     }
     char msg[160];
     if (j->verdict == COHORT_ECHECKSUM)
-        snprintf(msg, sizeof msg, "sha256 of the update does not match UpdateEnd");
+        snprintf(msg, sizeof msg, "%s of the update does not match UpdateEnd",
+                 j->expect_xxh3 ? "XXH3-128" : "sha256");
     else
         snprintf(msg, sizeof msg, "update contains NaN or Inf (element %zu)", j->bad_index);
     struct part *p = j->round == s->cur.id ? find_part(s, j->client_id) : NULL;
@@ -817,8 +828,9 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
                (unsigned long long)u->received, (unsigned long long)u->total);
         return;
     }
-    if (m->sha256.len != 32) {
-        reject(s, c, p, COHORT_ECHECKSUM, "UpdateEnd carries no sha256 of the update");
+    if (m->xxh3.len != COH_XXH_LEN && m->sha256.len != 32) {
+        reject(s, c, p, COHORT_ECHECKSUM, "UpdateEnd carries no checksum of the update "
+               "(xxh3: %zu bytes, sha256: %zu bytes)", m->xxh3.len, m->sha256.len);
         return;
     }
     if (!p || s->cur.phase != PHASE_OPEN) {
@@ -856,7 +868,12 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     j->weight = (float)w;
     j->acc = s->cur.acc;
     s->cur.acc_dirty = 1;
-    memcpy(j->expect, m->sha256.data, 32);
+    if (m->xxh3.len == COH_XXH_LEN) {
+        j->expect_xxh3 = 1;
+        memcpy(j->expect, m->xxh3.data, COH_XXH_LEN);
+    } else {
+        memcpy(j->expect, m->sha256.data, 32);
+    }
     if (s->cfg.variance_correction) {
         j->global = &s->global;
         j->vc_1d = s->cfg.vc_include_1d;

@@ -91,6 +91,7 @@ struct model_blob {
     const float *data;          /* owned: freed with the last reference */
     uint64_t total_bytes;       /* model data bytes */
     uint8_t sha256[32];         /* of the model data */
+    uint8_t xxh3[16];           /* XXH3-128 of the model data (checksum.h) */
 };
 
 struct model_blob *blob_ref(struct model_blob *b);

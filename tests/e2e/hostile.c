@@ -34,7 +34,8 @@
  *   midupload     UpdateBegin + 2 chunks, then half-close: the server closes, no ack
  *   badnames, badshapes, badcount: Error ESHAPE non-fatal, no ack
  *   nan, inf      Error ENONFINITE non-fatal, no ack
- *   badchecksum   Error ECHECKSUM non-fatal, no ack
+ *   badchecksum   Error ECHECKSUM non-fatal, no ack (a wrong sha256)
+ *   badxxh        Error ECHECKSUM non-fatal, no ack (a wrong XXH3-128)
  *   closedround   update for the offered round - 1 (or --round): Error EROUND, no ack
  *   futureround   update for the offered round + 5: Error EROUND, no ack
  *   duplicate     two complete updates back to back: an ack for the first and Error EDUP
@@ -72,6 +73,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "checksum.h"
 #include "cohort_err.h"
 #include "frame.h"
 #include "wire.h"
@@ -589,16 +591,25 @@ static void buf_chunks(struct buf *b, uint64_t round, const uint8_t *data, size_
     }
 }
 
+/* corrupt: 0 honest (XXH3-128, as libcohort sends), 1 a wrong sha256 (the
+ * older checksum, still accepted), 2 a wrong XXH3-128. */
 static void buf_end(struct buf *b, uint64_t round, const uint8_t *data, size_t n, int corrupt)
 {
-    uint8_t sha[32];
-    SHA256(data, n, sha);
-    if (corrupt)
-        sha[0] ^= 0x5a;
+    uint8_t sha[32], xxh[COH_XXH_LEN];
     Cohort__UpdateEnd m = COHORT__UPDATE_END__INIT;
     m.round = round;
-    m.sha256.data = sha;
-    m.sha256.len = 32;
+    if (corrupt == 1) {
+        SHA256(data, n, sha);
+        sha[0] ^= 0x5a;
+        m.sha256.data = sha;
+        m.sha256.len = 32;
+    } else {
+        coh_xxh128(data, n, xxh);
+        if (corrupt == 2)
+            xxh[0] ^= 0x5a;
+        m.xxh3.data = xxh;
+        m.xxh3.len = COH_XXH_LEN;
+    }
     m.train_loss = 0.5;
     Cohort__Envelope e = COHORT__ENVELOPE__INIT;
     e.body_case = COHORT__ENVELOPE__BODY_UPDATE_END;
@@ -856,6 +867,8 @@ static int mode_update(struct h *h, int code, const char *what)
         v[numel / 2] = INFINITY;
     } else if (!strcmp(m, "badchecksum")) {
         corrupt = 1;
+    } else if (!strcmp(m, "badxxh")) {
+        corrupt = 2;
     } else if (!strcmp(m, "closedround")) {
         round = h->o->have_round ? h->o->round : h->offer_round - 1;
     } else if (!strcmp(m, "futureround")) {
@@ -1029,7 +1042,7 @@ static int usage(void)
             "               [--examples N] [--count N] [--timeout-ms MS]\n"
             "MODE: plaintext nocert othercca expired revoked badversion bigframe undecodable\n"
             "      truncated midupload badnames badshapes badcount nan inf closedround\n"
-            "      futureround duplicate early notoffered badchecksum slowloris burst honest\n");
+            "      futureround duplicate early notoffered badchecksum badxxh slowloris burst honest\n");
     return 2;
 }
 
@@ -1100,7 +1113,7 @@ int main(int argc, char **argv)
         rc = mode_update(&h, COHORT_ESHAPE, "ESHAPE");
     else if (!strcmp(m, "nan") || !strcmp(m, "inf"))
         rc = mode_update(&h, COHORT_ENONFINITE, "ENONFINITE");
-    else if (!strcmp(m, "badchecksum"))
+    else if (!strcmp(m, "badchecksum") || !strcmp(m, "badxxh"))
         rc = mode_update(&h, COHORT_ECHECKSUM, "ECHECKSUM");
     else if (!strcmp(m, "closedround") || !strcmp(m, "futureround"))
         rc = mode_update(&h, COHORT_EROUND, "EROUND");

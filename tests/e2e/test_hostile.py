@@ -33,6 +33,7 @@ round waits for the next batch). Each hostile identity is its own certificate h-
 | closedround | round 2         | update for round 1: Error EROUND, offer stands             | dropped "disconnected: peer closed the connection"   |
 | futureround | round 2         | update for round 7: Error EROUND, offer stands             | dropped "disconnected: peer closed the connection"   |
 | badchecksum | round 2         | Error ECHECKSUM                                            | rejected "sha256 of the update does not match ..."   |
+| badxxh      | round 2         | Error ECHECKSUM                                            | rejected "XXH3-128 of the update does not match ..." |
 | duplicate   | round 2         | first update acked, second: Error EDUP (logged)            | accepted (the first update, counted once)            |
 | slowloris   | round 2         | 1 byte/s: Error ETIMEDOUT fatal after ~2-3 s, closed       | dropped "disconnected: incomplete frame for more than 2000 ms (slow sender)" |
 | notoffered  | round 2 (joins while open) | Hello+update pipelined before the offer could arrive: Error EOFFER, offer stands | dropped "disconnected: peer closed the connection" |
@@ -60,7 +61,7 @@ HOSTILE_EXAMPLES = 50
 MAX_FRAME = 65536
 BATCH = {
     1: ["badnames", "badshapes", "badcount", "nan", "inf"],
-    2: ["closedround", "futureround", "badchecksum", "duplicate", "slowloris"],
+    2: ["closedround", "futureround", "badchecksum", "badxxh", "duplicate", "slowloris"],
     3: ["bigframe", "undecodable", "truncated", "midupload", "honest"],
 }
 TLS_CASES = ["plaintext", "nocert", "othercca", "expired", "revoked"]
@@ -74,6 +75,7 @@ ROWS = {
     "closedround": (2, "dropped", "disconnected: peer closed the connection"),
     "futureround": (2, "dropped", "disconnected: peer closed the connection"),
     "badchecksum": (2, "rejected", "sha256 of the update does not match"),
+    "badxxh": (2, "rejected", "XXH3-128 of the update does not match"),
     "duplicate": (2, "accepted", None),
     "slowloris": (2, "dropped", "disconnected: incomplete frame for more than 2000 ms"),
     "notoffered": (2, "dropped", "disconnected: peer closed the connection"),
@@ -101,6 +103,7 @@ LOGS = {
     "closedround": "update for round 1 refused: round 2 is open",
     "futureround": "update for round 7 refused: round 2 is open",
     "badchecksum": "update rejected: sha256 of the update does not match UpdateEnd",
+    "badxxh": "update rejected: XXH3-128 of the update does not match UpdateEnd",
     "duplicate": "update for round 2 refused: this client already answered it",
     "slowloris": "closing: incomplete frame for more than 2000 ms (slow sender)",
     "notoffered": "update for round 2 refused: it was sent before the round offer",
@@ -128,6 +131,7 @@ SEEN = {
     "closedround": "error code=-4002 fatal=0 round=1 ",
     "futureround": "error code=-4002 fatal=0 round=7 ",
     "badchecksum": "error code=-4009 fatal=0",
+    "badxxh": "error code=-4009 fatal=0",
     "duplicate": "error code=-4012 fatal=0",
     "slowloris": "error code=-110 fatal=1",
     "notoffered": "error code=-4019 fatal=0",
@@ -308,8 +312,8 @@ def main():
         t.ok("h-early-1" in names, "early: registered by its Hello, but no participation row")
         rounds = db.execute("SELECT round, offered, participants, close_reason FROM rounds "
                             "WHERE round > 0 ORDER BY round").fetchall()
-        t.ok(rounds == [(1, 7, 2, "all answered"), (2, 8, 3, "all answered"), (3, 7, 3, "all answered")],
-             "rounds: offered 7/8/7, accepted 2/3/3, all closed by answers (got %s)" % rounds)
+        t.ok(rounds == [(1, 7, 2, "all answered"), (2, 9, 3, "all answered"), (3, 7, 3, "all answered")],
+             "rounds: offered 7/9/7 (round 2: 6 hostile + notoffered + 2 honest), accepted 2/3/3, all closed by answers (got %s)" % rounds)
         t.ok(db.execute("PRAGMA integrity_check").fetchone()[0] == "ok", "integrity_check ok")
 
         # ---- every checkpoint equals the FedAvg of the honest contributions alone
