@@ -71,10 +71,21 @@ static void deref(struct conn *c)
         conn_free(c);
 }
 
+static void forget(struct conn *c, const char *why);
+
 static void on_close(uv_handle_t *h)
 {
     struct conn *c = h->data;
     c->handle_closed = 1;
+    /* Closed without conn_close (a write error inside a TLS call, where closing
+     * properly would re-enter OpenSSL): take it out of the server's tables now. */
+    if (c->state != CONN_CLOSING) {
+        char why[80], label[400];
+        snprintf(why, sizeof why, "write failed: %s",
+                 c->write_err ? uv_strerror(c->write_err) : "connection lost");
+        coh_info("conn", "%s: closed: %s", conn_label(c, label, sizeof label), why);
+        forget(c, why);
+    }
     deref(c);
 }
 
@@ -123,6 +134,7 @@ void conn_flush(struct conn *c)
     }
     if (n < 0 && n != UV_EAGAIN) {
         connio_wreq_put(w);
+        c->write_err = n;
         force_close(c);
         return;
     }
@@ -136,6 +148,7 @@ void conn_flush(struct conn *c)
         c->tx_pending -= w->len - w->off;
         connio_wreq_put(w);
         c->refs--;
+        c->write_err = rc;
         force_close(c);
     }
 }
@@ -266,17 +279,32 @@ void conn_close(struct conn *c, const char *fmt, ...)
 {
     if (c->state == CONN_CLOSING)
         return;
-    struct server *s = c->srv;
     char why[512], label[400];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(why, sizeof why, fmt, ap);
     va_end(ap);
     coh_info("conn", "%s: closing: %s", conn_label(c, label, sizeof label), why);
+    forget(c, why);
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    /* A TLS close_notify after a final Error lets the peer read the reason. */
+    if (SSL_is_init_finished(c->ssl)) {
+        SSL_shutdown(c->ssl);
+        conn_flush(c);
+    }
+    if (c->tx_pending == 0)
+        force_close(c);
+}
+
+/* Takes c out of the server's tables and the round; it is CLOSING afterwards. */
+static void forget(struct conn *c, const char *why)
+{
+    struct server *s = c->srv;
     int was_ready = c->state == CONN_READY;
     c->state = CONN_CLOSING;
     c->closing_at = server_now(s);
-    idmap_del(&s->conns_by_id, c->id);
+    if (idmap_get(&s->conns_by_id, c->id) == c)
+        idmap_del(&s->conns_by_id, c->id);
     if (c->client_id && idmap_get(&s->conns_by_client, (uint64_t)c->client_id) == c)
         idmap_del(&s->conns_by_client, (uint64_t)c->client_id);
     if (was_ready && c->evaluator)
@@ -287,14 +315,6 @@ void conn_close(struct conn *c, const char *fmt, ...)
     upload_release(c);
     blob_unref(c->send_blob);
     c->send_blob = NULL;
-    uv_read_stop((uv_stream_t *)&c->tcp);
-    /* A TLS close_notify after a final Error lets the peer read the reason. */
-    if (SSL_is_init_finished(c->ssl)) {
-        SSL_shutdown(c->ssl);
-        conn_flush(c);
-    }
-    if (c->tx_pending == 0)
-        force_close(c);
 }
 
 void conn_pause(struct conn *c)

@@ -81,6 +81,7 @@ struct conn {
     uint64_t discard_round;     /* chunks of a refused upload for this round are dropped */
     Cohort__Envelope *pending_begin; /* UpdateBegin waiting for an upload slot */
     int paused;
+    int write_err;              /* libuv error of a failed write, 0: none */
     int evaluator;              /* Hello.role "evaluator": gets models to test, no rounds */
     int eval_busy;              /* an evaluation offer awaits its EvalReport */
     uint64_t eval_round;        /* model round of the last evaluation offer */
