@@ -580,6 +580,12 @@ def bench_client(b, quick, src):
 
 
 def main():
+    if os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3"):
+        # ru_maxrss of a child counts the pages it shared with this process before
+        # exec when Python forks instead of using vfork/posix_spawn (seen with a
+        # pyenv build: the client figure read 18.5 MiB instead of 16.0).
+        print("# note: not Debian's /usr/bin/python3 (meson runs that one); peak RSS of "
+              "small child processes may include this interpreter's", file=sys.stderr)
     global OUT, PERF_DIR, ONLY
     ap = argparse.ArgumentParser()
     ap.add_argument("bench", choices=["ingest", "round", "memory", "scale", "client"])

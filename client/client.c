@@ -56,6 +56,7 @@
 #define MAX_CHUNK (64u << 20)
 /* How much to read past the frame in flight: one TLS record. */
 #define READ_AHEAD 16384u
+#define TX_PIECE 16384u         /* plaintext per write of an update chunk */
 /* The receive buffer is released between rounds when it grew past this. */
 #define RX_KEEP (64u << 10)
 /* Room for the envelope and field headers around an update chunk's data. */
@@ -1063,29 +1064,21 @@ static uint32_t heartbeat_interval(const struct cohort_client *c)
 /* Next whole frame from the server. While it waits, sends heartbeats (once
  * Welcome came) and gives up after io_timeout of silence. The frame is valid
  * until the next call. */
-static int recv_frame(struct cohort_client *c, const uint8_t **frame, size_t *len)
+/* Reads at least one byte of plaintext into p (up to avail), sending
+ * heartbeats while it waits and giving up after io_timeout_ms of silence. */
+static int read_some(struct cohort_client *c, uint8_t *p, size_t avail, size_t *got)
 {
+    if (avail > INT_MAX)
+        avail = INT_MAX;
     for (;;) {
-        int rc = coh_frame_next(&c->rx, frame, len);
-        if (rc == 1)
-            return 0;
-        if (rc < 0)
-            return set_error(c, rc, "%s sent a frame larger than max_frame_bytes=%u; closing "
-                             "(raise the limit with cohort_opts_set_limits if the model needs "
-                             "it)", c->peer, c->o.max_frame_bytes);
-        uint8_t *p;
-        size_t avail, n = 0;
-        rc = coh_frame_rx_space(&c->rx, READ_AHEAD, &p, &avail);
-        if (rc < 0)
-            return set_error(c, rc, "out of memory for a frame from %s", c->peer);
-        if (avail > INT_MAX)
-            avail = INT_MAX;
+        size_t n = 0;
+        int rc;
         ERR_clear_error();
         errno = 0;
         if (SSL_read_ex(c->ssl, p, avail, &n)) {
-            coh_frame_rx_commit(&c->rx, n);
             c->last_rx_ms = mono_ms();
-            continue;
+            *got = n;
+            return 0;
         }
         int e = SSL_get_error(c->ssl, 0);
         if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
@@ -1109,6 +1102,79 @@ static int recv_frame(struct cohort_client *c, const uint8_t **frame, size_t *le
         rc = wait_fd(c, c->fd, e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, wake - now);
         if (rc < 0)
             return rc;
+    }
+}
+
+static int recv_frame(struct cohort_client *c, const uint8_t **frame, size_t *len)
+{
+    for (;;) {
+        int rc = coh_frame_next(&c->rx, frame, len);
+        if (rc == 1)
+            return 0;
+        if (rc < 0)
+            return set_error(c, rc, "%s sent a frame larger than max_frame_bytes=%u; closing "
+                             "(raise the limit with cohort_opts_set_limits if the model needs "
+                             "it)", c->peer, c->o.max_frame_bytes);
+        uint8_t *p;
+        size_t avail, n = 0;
+        rc = coh_frame_rx_space(&c->rx, READ_AHEAD, &p, &avail);
+        if (rc < 0)
+            return set_error(c, rc, "out of memory for a frame from %s", c->peer);
+        rc = read_some(c, p, avail, &n);
+        if (rc < 0)
+            return rc;
+        coh_frame_rx_commit(&c->rx, n);
+    }
+}
+
+/* When the next frame is a ModelChunk whose data is its last field, reads that
+ * data straight to where it belongs in the model (dst + expected offset):
+ * no frame-sized receive buffer, no copy. Returns 1 with *v set when it did,
+ * 0 when the frame should go through recv_frame (anything else, or a chunk
+ * that does not fit: recv_model reports those), or a negative error. */
+static int recv_model_chunk_direct(struct cohort_client *c, uint64_t round, uint64_t off,
+                                   uint64_t total, uint8_t *dst, struct coh_chunk_view *v)
+{
+    struct coh_frame_rx *rx = &c->rx;
+    for (;;) {
+        size_t have = rx->end - rx->start;
+        if (have >= COH_FRAME_HDR) {
+            const uint8_t *f = rx->buf + rx->start;
+            size_t flen = coh_frame_get_len(f);
+            if (flen > rx->max_frame || have >= COH_FRAME_HDR + flen)
+                return 0; /* too big (recv_frame says so) or already complete */
+            size_t pos;
+            int r = coh_wire_peek_chunk_head(f + COH_FRAME_HDR, have - COH_FRAME_HDR, flen,
+                                             COH_CHUNK_MODEL, v, &pos);
+            if (r < 0 || (r == 0 && have - COH_FRAME_HDR >= COH_CHUNK_HEAD_MAX))
+                return 0;
+            if (r == 1) {
+                if (v->round != round || v->offset != off || v->len > total - off)
+                    return 0;
+                size_t got = have - COH_FRAME_HDR - pos;
+                memcpy(dst + off, f + COH_FRAME_HDR + pos, got);
+                rx->start = rx->end = 0;
+                while (got < v->len) {
+                    size_t n = 0;
+                    int rc = read_some(c, dst + off + got, v->len - got, &n);
+                    if (rc < 0)
+                        return rc;
+                    got += n;
+                }
+                v->data = dst + off;
+                return 1;
+            }
+        }
+        /* Not enough to tell yet: read a little more, not the whole frame. */
+        uint8_t *p;
+        size_t avail, n = 0;
+        int rc = coh_frame_rx_reserve(&c->rx, READ_AHEAD, &p, &avail);
+        if (rc < 0)
+            return set_error(c, rc, "out of memory for a frame from %s", c->peer);
+        rc = read_some(c, p, avail, &n);
+        if (rc < 0)
+            return rc;
+        coh_frame_rx_commit(&c->rx, n);
     }
 }
 
@@ -1392,10 +1458,22 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
     for (uint32_t i = 0; i < of->chunk_count;) {
         const uint8_t *f;
         size_t flen;
-        int rc = recv_frame(c, &f, &flen);
+        struct coh_chunk_view v;
+        int rc = recv_model_chunk_direct(c, round, off, of->total_bytes, dst, &v);
         if (rc < 0)
             return rc;
-        struct coh_chunk_view v;
+        if (rc == 1) {
+            if (use_xxh)
+                coh_xxh_update(c->xxh, v.data, v.len);
+            else
+                EVP_DigestUpdate(c->md, v.data, v.len);
+            off += v.len;
+            i++;
+            continue;
+        }
+        rc = recv_frame(c, &f, &flen);
+        if (rc < 0)
+            return rc;
         Cohort__Envelope *env = NULL;
         rc = coh_wire_peek_chunk(f, flen, &v);
         if (rc == 0) {
@@ -1524,7 +1602,9 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
         chunk > c->srv_max_frame - CHUNK_OVERHEAD)
         chunk = c->srv_max_frame - CHUNK_OVERHEAD;
     chunk &= ~(size_t)3;
-    rc = tx_reserve(c, coh_wire_chunk_frame_max(chunk));
+    /* Each chunk frame goes out in record-sized pieces (its head with the first
+     * data, then data), so the transmit buffer is 16 KiB whatever the chunk. */
+    rc = tx_reserve(c, TX_PIECE + COH_CHUNK_HEAD_MAX);
     if (rc < 0)
         return rc;
     coh_xxh_reset(c->xxh);
@@ -1532,13 +1612,20 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
     uint32_t index = 0;
     for (size_t off = 0; off < total; off += chunk, index++) {
         size_t n = total - off < chunk ? total - off : chunk, pos;
-        size_t flen = coh_wire_write_chunk(c->tx, COH_CHUNK_UPDATE, round, index, off,
-                                           src + off, n, &pos);
-        swap_f32(c->tx + pos, n);
-        coh_xxh_update(c->xxh, c->tx + pos, n);
-        rc = write_all(c, c->tx, flen);
-        if (rc < 0)
-            return rc;
+        (void)coh_wire_write_chunk(c->tx, COH_CHUNK_UPDATE, round, index, off, NULL, n, &pos);
+        for (size_t done = 0; done < n;) {
+            /* Whole floats per piece, so they can be put in wire order here. */
+            size_t room = (TX_PIECE + COH_CHUNK_HEAD_MAX - pos) & ~(size_t)3;
+            size_t k = n - done < room ? n - done : room;
+            memcpy(c->tx + pos, src + off + done, k);
+            swap_f32(c->tx + pos, k);
+            coh_xxh_update(c->xxh, c->tx + pos, k);
+            rc = write_all(c, c->tx, pos + k);
+            if (rc < 0)
+                return rc;
+            done += k;
+            pos = 0;
+        }
     }
     uint8_t md[COH_XXH_LEN];
     coh_xxh_final(c->xxh, md);

@@ -35,7 +35,21 @@ static size_t needed(const struct coh_frame_rx *rx)
     return COH_FRAME_HDR + len;
 }
 
+static int space(struct coh_frame_rx *rx, size_t want, int whole_frame, uint8_t **p,
+                 size_t *avail);
+
 int coh_frame_rx_space(struct coh_frame_rx *rx, size_t want, uint8_t **p, size_t *avail)
+{
+    return space(rx, want, 1, p, avail);
+}
+
+int coh_frame_rx_reserve(struct coh_frame_rx *rx, size_t want, uint8_t **p, size_t *avail)
+{
+    return space(rx, want, 0, p, avail);
+}
+
+static int space(struct coh_frame_rx *rx, size_t want, int whole_frame, uint8_t **p,
+                 size_t *avail)
 {
     if (rx->start == rx->end) {
         rx->start = rx->end = 0;
@@ -45,7 +59,7 @@ int coh_frame_rx_space(struct coh_frame_rx *rx, size_t want, uint8_t **p, size_t
         rx->start = 0;
     }
     size_t have = rx->end - rx->start;
-    size_t need = needed(rx);
+    size_t need = whole_frame ? needed(rx) : have;
     /* Reading past the current frame is fine (the next header follows), but
      * only by `want`, so the buffer stays bounded by max_frame + want. */
     size_t target = (need > have ? need : have) + want;

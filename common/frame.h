@@ -32,6 +32,9 @@ void coh_frame_rx_fini(struct coh_frame_rx *rx);
  * never grows past what the current frame needs plus `want`. Returns 0 or
  * COHORT_ENOMEM. */
 int coh_frame_rx_space(struct coh_frame_rx *rx, size_t want, uint8_t **p, size_t *avail);
+/* Like coh_frame_rx_space, but reserves only `want` bytes, not the whole frame
+ * now arriving: for a reader that may take the rest of the frame elsewhere. */
+int coh_frame_rx_reserve(struct coh_frame_rx *rx, size_t want, uint8_t **p, size_t *avail);
 void coh_frame_rx_commit(struct coh_frame_rx *rx, size_t n);
 
 /* Copies len bytes in (convenience over space/commit). Returns 0 or ENOMEM. */

@@ -147,6 +147,57 @@ int coh_wire_peek_chunk(const uint8_t *frame, size_t len, struct coh_chunk_view 
     return 1;
 }
 
+int coh_wire_peek_chunk_head(const uint8_t *body, size_t have, size_t len, int kind,
+                             struct coh_chunk_view *v, size_t *data_pos)
+{
+    if (have > len)
+        have = len;
+    const uint8_t *p = body, *end = body + have;
+    uint64_t tag, inner_len, val;
+    size_t n;
+#define NEED(expr) do { n = (expr); if (n == 0) return (size_t)(end - p) >= 10 ? -1 : 0; } while (0)
+    NEED(get_varint(p, end, &tag));
+    if ((kind != COH_CHUNK_UPDATE && kind != COH_CHUNK_MODEL) || tag != (uint64_t)((kind << 3) | 2))
+        return -1;
+    p += n;
+    NEED(get_varint(p, end, &inner_len));
+    p += n;
+    if (inner_len != (uint64_t)(len - (size_t)(p - body)))
+        return -1; /* other envelope fields follow: not the fast shape */
+    memset(v, 0, sizeof *v);
+    v->kind = kind;
+    /* Field numbers: ModelChunk round 1, index 2, offset 3; UpdateChunk round 1,
+     * offset 2 (wire.h). */
+    uint64_t offset_field = kind == COH_CHUNK_MODEL ? 3 : 2;
+    for (;;) {
+        NEED(get_varint(p, end, &tag));
+        p += n;
+        if (tag == 0x7a) { /* field 15, bytes: the data, last */
+            NEED(get_varint(p, end, &val));
+            p += n;
+            size_t pos = (size_t)(p - body);
+            if (val != (uint64_t)(len - pos))
+                return -1;
+            v->len = (size_t)val;
+            *data_pos = pos;
+            return 1;
+        }
+        if ((tag & 7) != 0)
+            return -1;
+        NEED(get_varint(p, end, &val));
+        p += n;
+        if (tag >> 3 == 1)
+            v->round = val;
+        else if (tag >> 3 == offset_field)
+            v->offset = val;
+        else if (kind == COH_CHUNK_MODEL && tag >> 3 == 2)
+            v->index = (uint32_t)val;
+        else
+            return -1;
+    }
+#undef NEED
+}
+
 size_t coh_wire_chunk_frame_max(size_t dlen)
 {
     /* header + envelope tag/len + 3 varint fields + data tag/len + data */

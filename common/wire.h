@@ -43,6 +43,19 @@ struct coh_chunk_view {
  * COHORT_EFRAME when it claims to be a chunk but is malformed. */
 int coh_wire_peek_chunk(const uint8_t *frame, size_t len, struct coh_chunk_view *v);
 
+/* The head of a chunk frame of the given kind whose data is its last field,
+ * from the first `have` bytes of a frame body of `len` bytes: returns 1 with
+ * v->round, v->index, v->offset, v->len set and *data_pos = where the data
+ * starts in the body (so *data_pos + v->len == len), 0 when more bytes are
+ * needed to tell, and -1 when the frame is not of that shape (then decode it
+ * whole, as usual). Lets a receiver read the data straight to its destination;
+ * the head is at most COH_CHUNK_HEAD_MAX bytes. */
+#define COH_CHUNK_HEAD_MAX 64
+int coh_wire_peek_chunk_head(const uint8_t *body, size_t have, size_t len, int kind,
+                             struct coh_chunk_view *v, size_t *data_pos);
+#define coh_wire_peek_update_head(b, h, l, v, p) \
+    coh_wire_peek_chunk_head(b, h, l, COH_CHUNK_UPDATE, v, p)
+
 /* Upper bound of a chunk frame's size for dlen data bytes (header included). */
 size_t coh_wire_chunk_frame_max(size_t dlen);
 /* Encodes a chunk frame into out (at least coh_wire_chunk_frame_max(dlen)

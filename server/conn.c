@@ -340,7 +340,10 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 static void close_peer_gone(struct conn *c, const char *what)
 {
     size_t pend = coh_frame_rx_pending(&c->rx);
-    if (pend)
+    if (c->direct_left)
+        conn_close(c, "%s inside a frame (%zu of %zu bytes of an update chunk's data received)",
+                   what, c->direct_len - c->direct_left, c->direct_len);
+    else if (pend)
         conn_close(c, "%s inside a frame (%zu bytes of an incomplete frame received)", what, pend);
     else
         conn_close(c, "%s", what);
@@ -486,8 +489,39 @@ static void handshake(struct conn *c)
         force_close(c);
 }
 
+/* When the frame arriving is an UpdateChunk that continues this connection's
+ * upload, moves the data already buffered into the staging buffer and
+ * arranges for the rest to be decrypted straight there: the chunk needs no
+ * frame-sized receive buffer and no copy. Returns 1 when it did. */
+static int start_direct(struct conn *c)
+{
+    struct coh_frame_rx *rx = &c->rx;
+    size_t have = rx->end - rx->start;
+    if (have < COH_FRAME_HDR)
+        return 0;
+    const uint8_t *f = rx->buf + rx->start;
+    size_t flen = coh_frame_get_len(f);
+    if (flen > rx->max_frame || have >= COH_FRAME_HDR + flen)
+        return 0;
+    struct coh_chunk_view v;
+    size_t pos;
+    if (coh_wire_peek_update_head(f + COH_FRAME_HDR, have - COH_FRAME_HDR, flen, &v, &pos) != 1)
+        return 0;
+    uint8_t *dst = round_direct_begin(c->srv, c, &v);
+    if (!dst)
+        return 0;
+    size_t got = have - COH_FRAME_HDR - pos;
+    memcpy(dst, f + COH_FRAME_HDR + pos, got);
+    rx->start = rx->end = 0;
+    c->direct_len = v.len;
+    c->direct_left = v.len - got;
+    c->direct_dst = dst + got;
+    return 1;
+}
+
 static void process(struct conn *c)
 {
+    static uint8_t drop[16384];
     if (c->state == CONN_HANDSHAKE) {
         handshake(c);
         if (c->state == CONN_HANDSHAKE || c->state == CONN_CLOSING)
@@ -510,14 +544,31 @@ static void process(struct conn *c)
                        coh_frame_get_len(c->rx.buf + c->rx.start), c->srv->cfg.max_frame_bytes);
             break;
         }
+        if (c->direct_left == 0 && c->up.active)
+            (void)start_direct(c);
         uint8_t *p;
         size_t avail;
-        if (coh_frame_rx_space(&c->rx, 16384, &p, &avail) < 0) {
+        if (c->direct_left > 0) {
+            p = c->direct_dst ? c->direct_dst : drop;
+            avail = c->direct_dst ? c->direct_left
+                                  : (c->direct_left < sizeof drop ? c->direct_left : sizeof drop);
+        } else if ((c->up.active ? coh_frame_rx_reserve(&c->rx, 16384, &p, &avail)
+                                 : coh_frame_rx_space(&c->rx, 16384, &p, &avail)) < 0) {
             conn_close(c, "out of memory for the receive buffer");
             break;
         }
         ERR_clear_error();
         int n = SSL_read(c->ssl, p, avail > INT32_MAX ? INT32_MAX : (int)avail);
+        if (n > 0 && c->direct_left > 0) {
+            c->direct_left -= (size_t)n;
+            if (c->direct_dst)
+                c->direct_dst += n;
+            if (c->direct_left == 0 && c->direct_dst) {
+                c->direct_dst = NULL;
+                round_direct_end(c->srv, c, c->direct_len);
+            }
+            continue;
+        }
         if (n > 0) {
             coh_frame_rx_commit(&c->rx, (size_t)n);
             continue;
@@ -539,7 +590,8 @@ static void process(struct conn *c)
             coh_frame_rx_trim(&c->rx, 0);
         /* Slow senders (one byte a second) keep a connection "active" forever; a
          * frame or TLS record that stays incomplete too long closes it instead. */
-        int partial = coh_frame_rx_pending(&c->rx) > 0 || connio_in_pending(c) > 0;
+        int partial = coh_frame_rx_pending(&c->rx) > 0 || connio_in_pending(c) > 0 ||
+                      c->direct_left > 0;
         if (!partial)
             c->partial_since = 0;
         else if (c->partial_since == 0)
@@ -694,6 +746,8 @@ struct conn *conn_dial(struct server *s, SSL_CTX *ctx, const struct sockaddr *ad
 void upload_release(struct conn *c)
 {
     struct upload *u = &c->up;
+    if (c->direct_left)
+        c->direct_dst = NULL; /* the rest of the chunk in flight is dropped */
     if (!u->active)
         return;
     staging_put(c->srv, u->buf);

@@ -78,6 +78,11 @@ struct conn {
     size_t send_off;            /* its payload bytes sent; 0: header not sent yet */
 
     struct upload up;
+    /* An UpdateChunk's data being decrypted straight into the staging buffer:
+     * bytes still to come, where they go (NULL: the upload was released, drop
+     * them) and the chunk's data length. */
+    size_t direct_left, direct_len;
+    uint8_t *direct_dst;
     uint64_t discard_round;     /* chunks of a refused upload for this round are dropped */
     Cohort__Envelope *pending_begin; /* UpdateBegin waiting for an upload slot */
     int paused;

@@ -639,6 +639,25 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
     return 0;
 }
 
+uint8_t *round_direct_begin(struct server *s, struct conn *c, const struct coh_chunk_view *v)
+{
+    struct upload *u = &c->up;
+    (void)s;
+    if (!u->active || !u->buf || v->round != u->round || v->offset != u->received ||
+        v->len > u->total - u->received)
+        return NULL;
+    return (uint8_t *)u->buf + u->received;
+}
+
+void round_direct_end(struct server *s, struct conn *c, size_t len)
+{
+    struct upload *u = &c->up;
+    u->received += len;
+    struct part *p = find_part(s, c->client_id);
+    if (p)
+        p->bytes = u->received;
+}
+
 void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_view *v)
 {
     struct upload *u = &c->up;

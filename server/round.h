@@ -24,6 +24,12 @@ void round_on_eval_report(struct server *s, struct conn *c, const Cohort__EvalRe
 void round_conn_gone(struct server *s, struct conn *c, const char *why);
 /* Returns 1 when it kept e (the upload waits for a slot), 0 when the caller frees it. */
 int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e);
+/* Direct receive of an UpdateChunk's data (conn.c): where its v->len bytes
+ * go in the staging buffer, or NULL when the chunk does not continue the
+ * upload (then it is decoded whole and refused by round_on_chunk). */
+uint8_t *round_direct_begin(struct server *s, struct conn *c, const struct coh_chunk_view *v);
+/* The len bytes announced by round_direct_begin have all arrived. */
+void round_direct_end(struct server *s, struct conn *c, size_t len);
 void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_view *v);
 void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m);
 void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m);

@@ -158,6 +158,61 @@ static void test_non_chunk_and_garbage(void **state)
     assert_int_equal(coh_wire_decode(junk, 0, &d), COHORT_EFRAME);
 }
 
+/* The head of an UpdateChunk read from a growing prefix: "need more" until the
+ * data length is in, then the exact round, offset, length and data position;
+ * other shapes are left to the generic decoder. */
+static void test_update_head_from_prefix(void **state)
+{
+    (void)state;
+    uint8_t data[3000];
+    for (size_t i = 0; i < sizeof data; i++)
+        data[i] = (uint8_t)(i * 7);
+    uint8_t *f = malloc(coh_wire_chunk_frame_max(sizeof data));
+    assert_non_null(f);
+    size_t pos = 0;
+    size_t flen = coh_wire_write_chunk(f, COH_CHUNK_UPDATE, 300, 0, 1u << 20, data, sizeof data,
+                                       &pos);
+    size_t body = flen - COH_FRAME_HDR, dpos_body = pos - COH_FRAME_HDR;
+    for (size_t have = 0; have <= body; have++) {
+        struct coh_chunk_view v;
+        size_t dpos = 0;
+        int r = coh_wire_peek_update_head(f + COH_FRAME_HDR, have, body, &v, &dpos);
+        if (have < dpos_body) {
+            assert_int_equal(r, 0);
+        } else {
+            assert_int_equal(r, 1);
+            assert_int_equal(v.round, 300);
+            assert_int_equal(v.offset, 1u << 20);
+            assert_int_equal(v.len, sizeof data);
+            assert_int_equal(dpos, dpos_body);
+            assert_memory_equal(f + COH_FRAME_HDR + dpos, data, 16);
+        }
+    }
+    /* A model chunk: not an update head, but a model head with its index. */
+    struct coh_chunk_view v;
+    size_t dpos;
+    size_t mlen = coh_wire_write_chunk(f, COH_CHUNK_MODEL, 3, 7, 5000, data, 100, &pos);
+    assert_int_equal(coh_wire_peek_update_head(f + COH_FRAME_HDR, mlen - COH_FRAME_HDR,
+                                               mlen - COH_FRAME_HDR, &v, &dpos), -1);
+    assert_int_equal(coh_wire_peek_chunk_head(f + COH_FRAME_HDR, mlen - COH_FRAME_HDR,
+                                              mlen - COH_FRAME_HDR, COH_CHUNK_MODEL, &v, &dpos),
+                     1);
+    assert_int_equal(v.round, 3);
+    assert_int_equal(v.index, 7);
+    assert_int_equal(v.offset, 5000);
+    assert_int_equal(v.len, 100);
+    assert_int_equal(dpos, pos - COH_FRAME_HDR);
+    /* An update chunk claiming a different frame length. */
+    flen = coh_wire_write_chunk(f, COH_CHUNK_UPDATE, 3, 0, 0, data, 100, NULL);
+    assert_int_equal(coh_wire_peek_update_head(f + COH_FRAME_HDR, flen - COH_FRAME_HDR,
+                                               flen - COH_FRAME_HDR + 5, &v, &dpos), -1);
+    /* Garbage: an overlong varint where the tag should be. */
+    uint8_t junk[16];
+    memset(junk, 0xff, sizeof junk);
+    assert_int_equal(coh_wire_peek_update_head(junk, sizeof junk, 1000, &v, &dpos), -1);
+    free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -166,6 +221,7 @@ int main(void)
         cmocka_unit_test(test_oversized_rejected_before_allocation),
         cmocka_unit_test(test_chunk_roundtrip_fast_and_generic),
         cmocka_unit_test(test_non_chunk_and_garbage),
+        cmocka_unit_test(test_update_head_from_prefix),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
