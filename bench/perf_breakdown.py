@@ -13,10 +13,13 @@ import sys
 
 # Innermost match wins (stack is scanned from the leaf toward the root).
 PHASES = [
-    ("round_on_chunk", "chunk: staging copy + sha256 + finite check (round_on_chunk)"),
+    ("round_on_chunk", "chunk: staging copy (round_on_chunk, chunks not read in place)"),
+    ("start_direct", "chunk: data already buffered into staging (start_direct)"),
+    ("verify_work", "verify: checksum + finite check (verify_work)"),
+    ("XXH3", "verify: checksum + finite check (verify_work)"),
     ("fold_accumulate", "fold: saxpy (fold_work)"),
     ("coh_vc_moments", "fold: variance moments"),
-    ("blob_build", "finalize: serialize model chunks (blob_build)"),
+    ("blob_build", "finalize: hash the new model (blob_build)"),
     ("coh_st_save", "finalize: checkpoint write (coh_st_save)"),
     ("coh_model_clone", "finalize: clone model (coh_model_clone)"),
     ("coh_model_all_finite", "finalize: finite check of the new model"),
@@ -27,15 +30,18 @@ PHASES = [
     ("SSL_read", "TLS read + decrypt (SSL_read)"),
     ("SSL_write", "TLS encrypt (SSL_write: model broadcast, acks)"),
     ("SSL_shutdown", "TLS shutdown"),
-    ("flush", "ciphertext out: BIO_read copy + uv_write (flush)"),
+    ("write_ex", "ciphertext out: into the write buffer (connio write_ex)"),
+    ("read_ex", "ciphertext in: from the read buffer (connio read_ex)"),
+    ("conn_flush", "ciphertext out: uv_try_write / uv_write (conn_flush)"),
+    ("stream_step", "model broadcast: chunk head + slice (stream_step)"),
     ("on_write", "write completion (on_write)"),
-    ("on_read", "ciphertext in: BIO_write copy (on_read)"),
+    ("on_read", "ciphertext in (on_read)"),
     ("coh_wire_decode", "protobuf decode"),
     ("coh_wire_encode", "protobuf encode"),
     ("coh_wire_pack_into", "protobuf encode"),
     ("dispatch_frame", "dispatch (other)"),
     ("conn_sweep", "connection sweep timer"),
-    ("fold_done", "fold done: free the staging buffer"),
+    ("fold_done", "fold done + UpdateAck"),
     ("finalize_done", "commit (finalize_done)"),
     ("uv__io_poll", "event loop (epoll, other)"),
 ]
@@ -54,12 +60,15 @@ CONTEXTS = [
     ("on_hello", "Hello: register the client (SQLite)"),
     ("on_heartbeat", "heartbeat reply"),
     ("round_on_chunk", "upload: UpdateChunk"),
+    ("start_direct", "upload: UpdateChunk"),
+    ("verify_work", "verify job (pool)"),
     ("round_on_begin", "upload: UpdateBegin"),
     ("round_on_end", "upload: UpdateEnd"),
     ("fold_work", "fold job (pool)"),
     ("fold_done", "fold done + UpdateAck"),
     ("finalize_work", "finalize job (pool)"),
     ("pump", "model broadcast"),
+    ("stream_step", "model broadcast"),
     ("conn_send_blob", "model broadcast"),
     ("send_offer", "model broadcast"),
     ("on_write", "model broadcast (pump from on_write)"),
@@ -69,7 +78,7 @@ CONTEXTS = [
     ("finalize", "finalize (loop)"),
     ("conn_sweep", "sweep timer"),
     ("SSL_read", "receive: decrypt"),
-    ("on_read", "receive: socket to BIO"),
+    ("on_read", "receive: other"),
 ]
 
 
@@ -96,6 +105,8 @@ def kind(frames):
         return "munmap"
     if any("sha256" in s.lower() for s in syms[:3]):
         return "sha256"
+    if any("XXH" in s for s in syms[:3]):
+        return "xxh3"
     if "saxpy" in leaf:
         return "saxpy (OpenBLAS)"
     if "libcrypto" in dso:

@@ -70,7 +70,7 @@ const struct opt_def options[] = {
      "largest tensor count of a model"},
     {"max-connections", "limits", "max_connections", OPT_U32, OFF(max_connections), 1, 1e7,
      "10000", NULL, "N", "connections held at once"},
-    {"max-uploads", "limits", "max_uploads", OPT_U32, OFF(max_uploads), 1, 100000, "4", NULL, "N",
+    {"max-uploads", "limits", "max_uploads", OPT_U32, OFF(max_uploads), 1, 100000, "2", NULL, "N",
      "uploads staged at once; more wait with reads paused"},
     {"handshake-timeout-ms", "limits", "handshake_timeout_ms", OPT_U32,
      OFF(handshake_timeout_ms), 10, 3600000, "10000", NULL, "N", "TLS handshake + Hello deadline"},
