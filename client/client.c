@@ -1105,6 +1105,23 @@ static int read_some(struct cohort_client *c, uint8_t *p, size_t avail, size_t *
     }
 }
 
+/* Reads more of the stream into the frame buffer, making room for the whole
+ * frame now arriving (whole_frame) or only for one read. */
+static int read_into_rx(struct cohort_client *c, int whole_frame)
+{
+    uint8_t *p;
+    size_t avail, n = 0;
+    int rc = whole_frame ? coh_frame_rx_space(&c->rx, READ_AHEAD, &p, &avail)
+                         : coh_frame_rx_reserve(&c->rx, READ_AHEAD, &p, &avail);
+    if (rc < 0)
+        return set_error(c, rc, "out of memory for a frame from %s", c->peer);
+    rc = read_some(c, p, avail, &n);
+    if (rc < 0)
+        return rc;
+    coh_frame_rx_commit(&c->rx, n);
+    return 0;
+}
+
 static int recv_frame(struct cohort_client *c, const uint8_t **frame, size_t *len)
 {
     for (;;) {
@@ -1115,15 +1132,9 @@ static int recv_frame(struct cohort_client *c, const uint8_t **frame, size_t *le
             return set_error(c, rc, "%s sent a frame larger than max_frame_bytes=%u; closing "
                              "(raise the limit with cohort_opts_set_limits if the model needs "
                              "it)", c->peer, c->o.max_frame_bytes);
-        uint8_t *p;
-        size_t avail, n = 0;
-        rc = coh_frame_rx_space(&c->rx, READ_AHEAD, &p, &avail);
-        if (rc < 0)
-            return set_error(c, rc, "out of memory for a frame from %s", c->peer);
-        rc = read_some(c, p, avail, &n);
+        rc = read_into_rx(c, 1);
         if (rc < 0)
             return rc;
-        coh_frame_rx_commit(&c->rx, n);
     }
 }
 
@@ -1166,15 +1177,9 @@ static int recv_model_chunk_direct(struct cohort_client *c, uint64_t round, uint
             }
         }
         /* Not enough to tell yet: read a little more, not the whole frame. */
-        uint8_t *p;
-        size_t avail, n = 0;
-        int rc = coh_frame_rx_reserve(&c->rx, READ_AHEAD, &p, &avail);
-        if (rc < 0)
-            return set_error(c, rc, "out of memory for a frame from %s", c->peer);
-        rc = read_some(c, p, avail, &n);
+        int rc = read_into_rx(c, 0);
         if (rc < 0)
             return rc;
-        coh_frame_rx_commit(&c->rx, n);
     }
 }
 
