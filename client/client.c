@@ -1456,6 +1456,7 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
     uint64_t round = of->round, off = 0;
     uint8_t *dst = (uint8_t *)c->global;
     int use_xxh = of->model_xxh3.len == COH_XXH_LEN;
+    c->srv_xxh3 = use_xxh;
     if (use_xxh)
         coh_xxh_reset(c->xxh);
     else
@@ -1612,7 +1613,13 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
     rc = tx_reserve(c, TX_PIECE + COH_CHUNK_HEAD_MAX);
     if (rc < 0)
         return rc;
-    coh_xxh_reset(c->xxh);
+    /* XXH3-128 for servers that announced it with the model, SHA-256 otherwise
+     * (an older cohortd accepts only that). */
+    int use_xxh = c->srv_xxh3;
+    if (use_xxh)
+        coh_xxh_reset(c->xxh);
+    else
+        EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
     const uint8_t *src = (const uint8_t *)c->params;
     uint32_t index = 0;
     for (size_t off = 0; off < total; off += chunk, index++) {
@@ -1624,7 +1631,10 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
             size_t k = n - done < room ? n - done : room;
             memcpy(c->tx + pos, src + off + done, k);
             swap_f32(c->tx + pos, k);
-            coh_xxh_update(c->xxh, c->tx + pos, k);
+            if (use_xxh)
+                coh_xxh_update(c->xxh, c->tx + pos, k);
+            else
+                EVP_DigestUpdate(c->md, c->tx + pos, k);
             rc = write_all(c, c->tx, pos + k);
             if (rc < 0)
                 return rc;
@@ -1632,13 +1642,19 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
             pos = 0;
         }
     }
-    uint8_t md[COH_XXH_LEN];
-    coh_xxh_final(c->xxh, md);
-
+    uint8_t md[EVP_MAX_MD_SIZE];
+    unsigned mdlen = 0;
     Cohort__UpdateEnd ue = COHORT__UPDATE_END__INIT;
     ue.round = round;
-    ue.xxh3.data = md;
-    ue.xxh3.len = sizeof md;
+    if (use_xxh) {
+        coh_xxh_final(c->xxh, md);
+        ue.xxh3.data = md;
+        ue.xxh3.len = COH_XXH_LEN;
+    } else {
+        EVP_DigestFinal_ex(c->md, md, &mdlen);
+        ue.sha256.data = md;
+        ue.sha256.len = mdlen;
+    }
     ue.train_loss = train_loss;
     e.body_case = COHORT__ENVELOPE__BODY_UPDATE_END;
     e.update_end = &ue;

@@ -84,6 +84,8 @@ struct cohort_client {
     int64_t last_rx_ms, last_tx_ms;     /* monotonic */
     uint64_t hb_seq;
     uint32_t srv_max_frame;             /* from Welcome; 0 = unknown */
+    int srv_xxh3;                       /* the last offer carried model_xxh3: the server
+                                           checks UpdateEnd.xxh3 (else send sha256) */
     uint32_t srv_hb_ms;
     int connected;                      /* Welcome received on this connection */
     uint64_t ack_round;                 /* round whose UpdateAck we wait for, 0 = none */

@@ -150,8 +150,13 @@ int coh_wire_peek_chunk(const uint8_t *frame, size_t len, struct coh_chunk_view 
 int coh_wire_peek_chunk_head(const uint8_t *body, size_t have, size_t len, int kind,
                              struct coh_chunk_view *v, size_t *data_pos)
 {
+    /* Only the head is parsed, never more than COH_CHUNK_HEAD_MAX bytes: a
+     * receiver calls this after every read, and a hostile frame padded with
+     * fields must not make that quadratic. */
     if (have > len)
         have = len;
+    if (have > COH_CHUNK_HEAD_MAX)
+        have = COH_CHUNK_HEAD_MAX;
     const uint8_t *p = body, *end = body + have;
     uint64_t tag, inner_len, val;
     size_t n;

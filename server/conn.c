@@ -34,6 +34,7 @@
 #define CLOSE_GRACE_S 5.0
 
 static void process(struct conn *c);
+static int stream_step(struct conn *c, struct model_blob *b);
 
 const char *conn_label(const struct conn *c, char *buf, size_t len)
 {
@@ -170,6 +171,17 @@ int conn_send(struct conn *c, const Cohort__Envelope *e)
 {
     if (c->state == CONN_CLOSING || c->state == CONN_HANDSHAKE)
         return COHORT_ECLOSED;
+    /* The model streams in slices; a frame sent now must not land inside the
+     * chunk frame being streamed: finish that chunk first (at most one chunk,
+     * past the window). */
+    struct model_blob *b = c->send_blob;
+    while (b && c->send_off > 0 && !c->write_err && !uv_is_closing((uv_handle_t *)&c->tcp))
+        if (stream_step(c, b) < 0)
+            return COHORT_ETLS;
+    if (b && c->send_idx >= b->nchunks) {
+        blob_unref(b);
+        c->send_blob = NULL;
+    }
     uint8_t stackbuf[1024];
     size_t n = coh_wire_frame_size(e);
     uint8_t *buf = n <= sizeof stackbuf ? stackbuf : malloc(n);
@@ -240,7 +252,8 @@ static void pump(struct conn *c)
     struct model_blob *b = c->send_blob;
     if (!b || c->state == CONN_CLOSING)
         return;
-    while (c->send_idx < b->nchunks && queued(c) < SEND_WINDOW) {
+    while (c->send_idx < b->nchunks && queued(c) < SEND_WINDOW && !c->write_err &&
+           !uv_is_closing((uv_handle_t *)&c->tcp)) {
         if (stream_step(c, b) < 0) {
             conn_close(c, "TLS write failed while sending the model");
             return;
@@ -258,7 +271,7 @@ void conn_finish_blob(struct conn *c)
     struct model_blob *b = c->send_blob;
     if (!b)
         return;
-    while (c->send_idx < b->nchunks)
+    while (c->send_idx < b->nchunks && !c->write_err && !uv_is_closing((uv_handle_t *)&c->tcp))
         if (stream_step(c, b) < 0)
             break;
     blob_unref(b);

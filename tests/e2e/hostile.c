@@ -36,6 +36,11 @@
  *   nan, inf      Error ENONFINITE non-fatal, no ack
  *   badchecksum   Error ECHECKSUM non-fatal, no ack (a wrong sha256)
  *   badxxh        Error ECHECKSUM non-fatal, no ack (a wrong XXH3-128)
+ *   slowread      not an attack on the server but on its streaming: takes the offer, then
+ *                 reads nothing for --count ms (so the model stream stalls part-way through
+ *                 a chunk while the round ends), then reads on. PASS when every frame
+ *                 decodes, the chunks are contiguous, the model matches the offer's XXH3
+ *                 and the RoundResult arrived: no frame was put inside a chunk.
  *   closedround   update for the offered round - 1 (or --round): Error EROUND, no ack
  *   futureround   update for the offered round + 5: Error EROUND, no ack
  *   duplicate     two complete updates back to back: an ack for the first and Error EDUP
@@ -119,7 +124,17 @@ struct h {
     int err_fatal[64];
     int acks, acks_accepted;
     int results;
+    /* model stream checks (slowread) */
+    int undecodable;
+    uint64_t next_off;
+    int offsets_bad;
+    int offer_has_xxh;
+    uint8_t offer_xxh[COH_XXH_LEN];
+    struct coh_xxh *xxh;
+    int model_ok;               /* the last complete model matched the offer's XXH3 */
 };
+
+static int small_rcvbuf;        /* slowread: cap our receive buffer so the server's stalls */
 
 static double now_s(void)
 {
@@ -176,6 +191,11 @@ static int tcp_connect(const char *server, int quiet)
     if (getaddrinfo(host, port, &hints, &ai) != 0 || !ai)
         return -1;
     int fd = socket(ai->ai_family, SOCK_STREAM, 0);
+    if (fd >= 0 && small_rcvbuf) {
+        /* Before connect, so the window is small from the start. */
+        int sz = 32768;
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
+    }
     if (fd < 0 || connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
         if (!quiet)
             say("connect failed: %s", strerror(errno));
@@ -331,12 +351,25 @@ static void on_frame(struct h *h, const uint8_t *f, size_t len)
     struct coh_chunk_view v;
     if (coh_wire_peek_chunk(f, len, &v) == 1 && v.kind == COH_CHUNK_MODEL) {
         h->chunks++;
-        if (h->offer && h->chunks == h->chunk_count)
-            say("model complete chunks=%u", h->chunks);
+        if (v.offset != h->next_off)
+            h->offsets_bad++;
+        h->next_off = v.offset + v.len;
+        if (h->xxh)
+            coh_xxh_update(h->xxh, v.data, v.len);
+        if (h->offer && h->chunks == h->chunk_count) {
+            if (h->xxh) {
+                uint8_t d[COH_XXH_LEN];
+                coh_xxh_final(h->xxh, d);
+                h->model_ok = h->offer_has_xxh && memcmp(d, h->offer_xxh, COH_XXH_LEN) == 0;
+            }
+            say("model complete chunks=%u%s", h->chunks,
+                h->xxh ? (h->model_ok ? " xxh3 ok" : " xxh3 MISMATCH") : "");
+        }
         return;
     }
     Cohort__Envelope *e = NULL;
     if (coh_wire_decode(f, len, &e) < 0) {
+        h->undecodable++;
         say("undecodable frame of %zu bytes from the server", len);
         return;
     }
@@ -354,6 +387,13 @@ static void on_frame(struct h *h, const uint8_t *f, size_t len)
         h->offer_round = o->round;
         h->chunk_count = o->chunk_count;
         h->chunks = 0;
+        h->next_off = 0;
+        h->model_ok = 0;
+        h->offer_has_xxh = o->model_xxh3.len == COH_XXH_LEN;
+        if (h->offer_has_xxh)
+            memcpy(h->offer_xxh, o->model_xxh3.data, COH_XXH_LEN);
+        if (h->xxh)
+            coh_xxh_reset(h->xxh);
         struct layout *l = &h->offered;
         for (size_t i = 0; i < l->n; i++)
             free(l->names[i]);
@@ -1034,6 +1074,34 @@ static int mode_burst(struct h *h)
     return verdict(ok, "expected every connection to open and the probe to get Error EVERSION");
 }
 
+static int got_offer(struct h *h) { return h->offer; }
+static int got_result_and_model(struct h *h) { return h->results > 0 && got_model(h); }
+
+static int mode_slowread(struct h *h)
+{
+    small_rcvbuf = 1;
+    h->xxh = coh_xxh_new();
+    if (!h->xxh || join(h) < 0)
+        return verdict(0, "could not join");
+    if (!pump(h, h->o->timeout_ms, got_offer))
+        return verdict(0, "no round offer");
+    uint64_t round = h->offer_round;
+    say("stalling the download of round %llu for %ld ms", (unsigned long long)round,
+        h->o->count);
+    usleep((useconds_t)h->o->count * 1000);
+    /* The round ends meanwhile (this client never answers); its RoundResult and the
+     * rest of the model must arrive as whole frames, in order. */
+    int done = pump(h, h->o->timeout_ms, got_result_and_model);
+    int pass = done && h->undecodable == 0 && h->offsets_bad == 0 && h->model_ok &&
+               h->offer_round == round;
+    coh_xxh_free(h->xxh);
+    h->xxh = NULL;
+    return verdict(pass, "expected the RoundResult and the whole model of round %llu as whole "
+                   "frames (result %d, chunks %u/%u, undecodable %d, offset breaks %d, xxh3 %s)",
+                   (unsigned long long)round, h->results, h->chunks, h->chunk_count,
+                   h->undecodable, h->offsets_bad, h->model_ok ? "ok" : "bad");
+}
+
 static int usage(void)
 {
     fprintf(stderr,
@@ -1042,7 +1110,8 @@ static int usage(void)
             "               [--examples N] [--count N] [--timeout-ms MS]\n"
             "MODE: plaintext nocert othercca expired revoked badversion bigframe undecodable\n"
             "      truncated midupload badnames badshapes badcount nan inf closedround\n"
-            "      futureround duplicate early notoffered badchecksum badxxh slowloris burst honest\n");
+            "      futureround duplicate early notoffered badchecksum badxxh slowloris burst honest\n"
+            "      slowread\n");
     return 2;
 }
 
@@ -1127,6 +1196,8 @@ int main(int argc, char **argv)
         rc = mode_pipelined(&h, COHORT_EOFFER, "EOFFER");
     else if (!strcmp(m, "slowloris"))
         rc = mode_slowloris(&h);
+    else if (!strcmp(m, "slowread"))
+        rc = mode_slowread(&h);
     else if (!strcmp(m, "burst"))
         rc = mode_burst(&h);
     else

@@ -206,6 +206,24 @@ static void test_update_head_from_prefix(void **state)
     flen = coh_wire_write_chunk(f, COH_CHUNK_UPDATE, 3, 0, 0, data, 100, NULL);
     assert_int_equal(coh_wire_peek_update_head(f + COH_FRAME_HDR, flen - COH_FRAME_HDR,
                                                flen - COH_FRAME_HDR + 5, &v, &dpos), -1);
+    /* A head padded past COH_CHUNK_HEAD_MAX with repeated fields is not parsed as a
+     * head (a receiver re-parses after every read; this keeps that bounded). */
+    {
+        uint8_t pad[200];
+        size_t k = 0, dl = 8;
+        size_t inner = 80 + 1 + 1 + dl;
+        pad[k++] = (COH_CHUNK_UPDATE << 3) | 2;
+        pad[k++] = (uint8_t)inner;
+        for (int i = 0; i < 40; i++) {
+            pad[k++] = 0x08;
+            pad[k++] = 0x01;
+        }
+        pad[k++] = 0x7a;
+        pad[k++] = (uint8_t)dl;
+        memset(pad + k, 0, dl);
+        k += dl;
+        assert_int_not_equal(coh_wire_peek_update_head(pad, k, k, &v, &dpos), 1);
+    }
     /* Garbage: an overlong varint where the tag should be. */
     uint8_t junk[16];
     memset(junk, 0xff, sizeof junk);
