@@ -227,10 +227,7 @@ void config_file_example(FILE *f)
     const char *section = "";
     for (size_t i = 0; i < noptions; i++) {
         const struct opt_def *o = &options[i];
-        if (strcmp(section, o->section) != 0) {
-            section = o->section;
-            fprintf(f, "\n[%s]\n", section);
-        }
+        options_section_header(f, &section, o);
         fputc('\n', f);
         char help[600];
         if (o->type == OPT_NBOOL)

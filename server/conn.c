@@ -45,6 +45,20 @@ const char *conn_label(const struct conn *c, char *buf, size_t len)
     return buf;
 }
 
+/* Accepted and dialed connections alike: from here on conn_free() must undo it. */
+static void enlist(struct conn *c)
+{
+    struct server *s = c->srv;
+    uv_tcp_init(s->loop, &c->tcp);
+    c->tcp.data = c;
+    c->id = ++s->next_conn_id;
+    c->next = s->conn_list;
+    if (s->conn_list)
+        s->conn_list->prev = c;
+    s->conn_list = c;
+    s->nconns++;
+}
+
 static void conn_free(struct conn *c)
 {
     struct server *s = c->srv;
@@ -626,14 +640,7 @@ void conn_on_connection(uv_stream_t *listener, int status)
     }
     c->srv = s;
     c->refs = 1;
-    uv_tcp_init(s->loop, &c->tcp);
-    c->tcp.data = c;
-    c->id = ++s->next_conn_id;
-    c->next = s->conn_list;
-    if (s->conn_list)
-        s->conn_list->prev = c;
-    s->conn_list = c;
-    s->nconns++;
+    enlist(c);
     c->state = CONN_CLOSING; /* until fully set up */
     if (uv_accept(listener, (uv_stream_t *)&c->tcp) < 0) {
         force_close(c);
@@ -733,14 +740,7 @@ struct conn *conn_dial(struct server *s, SSL_CTX *ctx, const struct sockaddr *ad
         free(d);
         return NULL;
     }
-    uv_tcp_init(s->loop, &c->tcp);
-    c->tcp.data = c;
-    c->id = ++s->next_conn_id;
-    c->next = s->conn_list;
-    if (s->conn_list)
-        s->conn_list->prev = c;
-    s->conn_list = c;
-    s->nconns++;
+    enlist(c);
     coh_frame_rx_init(&c->rx, s->cfg.max_frame_bytes);
     c->accepted_at = c->last_rx = server_now(s);
     idmap_put(&s->conns_by_id, c->id, c);

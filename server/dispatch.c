@@ -20,6 +20,32 @@
 
 #define SOFTWARE "cohortd 0.1.0"
 
+void dispatch_welcome(struct conn *c, uint64_t current_round)
+{
+    const struct server *s = c->srv;
+    Cohort__Welcome w = COHORT__WELCOME__INIT;
+    w.protocol_version = COH_PROTOCOL_VERSION;
+    w.client_name = c->name;
+    w.current_round = current_round;
+    w.server_software = SOFTWARE;
+    w.max_frame_bytes = s->cfg.max_frame_bytes;
+    w.heartbeat_interval_ms = s->cfg.heartbeat_ms;
+    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
+    e.body_case = COHORT__ENVELOPE__BODY_WELCOME;
+    e.welcome = &w;
+    conn_send(c, &e);
+}
+
+void dispatch_remote_error(struct conn *c, const char *module, const char *who,
+                           const Cohort__Error *err)
+{
+    char label[400];
+    coh_warn(module, "%s: %s reported error %d: %.200s", conn_label(c, label, sizeof label), who,
+             err->code, err->message ? err->message : "");
+    if (err->fatal)
+        conn_close(c, "%s reported a fatal error", who);
+}
+
 static void on_hello(struct conn *c, const Cohort__Hello *h)
 {
     struct server *s = c->srv;
@@ -69,17 +95,7 @@ static void on_hello(struct conn *c, const Cohort__Hello *h)
     else
         s->nready++;
 
-    Cohort__Welcome w = COHORT__WELCOME__INIT;
-    w.protocol_version = COH_PROTOCOL_VERSION;
-    w.client_name = c->name;
-    w.current_round = s->cur.phase == PHASE_OPEN ? s->cur.id : s->last_committed;
-    w.server_software = SOFTWARE;
-    w.max_frame_bytes = s->cfg.max_frame_bytes;
-    w.heartbeat_interval_ms = s->cfg.heartbeat_ms;
-    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
-    e.body_case = COHORT__ENVELOPE__BODY_WELCOME;
-    e.welcome = &w;
-    conn_send(c, &e);
+    dispatch_welcome(c, s->cur.phase == PHASE_OPEN ? s->cur.id : s->last_committed);
     char label[400];
     coh_info("conn", "%s: joined as %s %lld (%llu examples)",
              conn_label(c, label, sizeof label), evaluator ? "evaluator" : "client", (long long)id,
@@ -174,15 +190,9 @@ void dispatch_frame(struct conn *c, const uint8_t *frame, size_t len)
             round_on_chunk(c->srv, c, &v);
         }
         break;
-    case COHORT__ENVELOPE__BODY_ERROR: {
-        char label[400];
-        coh_warn("conn", "%s: client reported error %d: %.200s",
-                 conn_label(c, label, sizeof label), e->error->code,
-                 e->error->message ? e->error->message : "");
-        if (e->error->fatal)
-            conn_close(c, "client reported a fatal error");
+    case COHORT__ENVELOPE__BODY_ERROR:
+        dispatch_remote_error(c, "conn", "client", e->error);
         break;
-    }
     case COHORT__ENVELOPE__BODY_HELLO:
         conn_send_error(c, COHORT_ESTATE, 0, 1, "Hello was already received");
         conn_close(c, "sent Hello twice");

@@ -32,7 +32,6 @@
 #include "varcorr.h"
 #include "wire.h"
 
-#define SOFTWARE "cohortd 0.1.0"
 #define AUTO_MERGE_CAP 16
 #define PEERS_FLUSH_TICKS 5   /* the peers table is written every 5 s when changed */
 #define MAX_SAMPLE_IN 64      /* peer entries read from one push */
@@ -850,15 +849,9 @@ void gossip_on_frame(struct conn *c, const uint8_t *frame, size_t len)
     case COHORT__ENVELOPE__BODY_HEARTBEAT:
         dispatch_heartbeat(c, e->heartbeat);
         break;
-    case COHORT__ENVELOPE__BODY_ERROR: {
-        char label[400];
-        coh_warn("gossip", "%s: peer reported error %d: %.200s",
-                 conn_label(c, label, sizeof label), e->error->code,
-                 e->error->message ? e->error->message : "");
-        if (e->error->fatal)
-            conn_close(c, "peer reported a fatal error");
+    case COHORT__ENVELOPE__BODY_ERROR:
+        dispatch_remote_error(c, "gossip", "peer", e->error);
         break;
-    }
     default:
         conn_send_error(c, COHORT_ESTATE, 0, 1, "message type %d is not accepted from a peer",
                         (int)e->body_case);
@@ -898,17 +891,7 @@ void gossip_on_peer_hello(struct conn *c, const Cohort__Hello *h)
     l->conn_id = c->id;
     c->link = l;
     c->state = CONN_PEER;
-    Cohort__Welcome w = COHORT__WELCOME__INIT;
-    w.protocol_version = COH_PROTOCOL_VERSION;
-    w.client_name = c->name;
-    w.current_round = s->last_committed;
-    w.server_software = SOFTWARE;
-    w.max_frame_bytes = s->cfg.max_frame_bytes;
-    w.heartbeat_interval_ms = s->cfg.heartbeat_ms;
-    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
-    e.body_case = COHORT__ENVELOPE__BODY_WELCOME;
-    e.welcome = &w;
-    conn_send(c, &e);
+    dispatch_welcome(c, s->last_committed);
     coh_info("gossip", "%s: peer connected", conn_label(c, label, sizeof label));
 }
 
@@ -1048,13 +1031,8 @@ static int load_seeds(struct server *s)
         int lineno = 0;
         while (fgets(line, sizeof line, f)) {
             lineno++;
-            char *p = line;
-            while (*p == ' ' || *p == '\t')
-                p++;
-            char *e = p + strlen(p);
-            while (e > p && (e[-1] == '\n' || e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
-                *--e = '\0';
-            if (!*p || *p == '#')
+            char *p = server_list_entry(line);
+            if (!p)
                 continue;
             snprintf(origin, sizeof origin, "%s:%d", s->cfg.peers_file, lineno);
             if (add_seed(s, p, origin) < 0) {

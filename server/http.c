@@ -316,6 +316,29 @@ static cJSON *round_obj(cJSON *arr, int64_t first, int64_t rn, int64_t count)
     return num && (int64_t)num->valuedouble == rn ? o : NULL;
 }
 
+/* Prepares a per-round query with ?1 bound to the first listed round; NULL leaves that part
+ * of the answer out rather than failing it. */
+static sqlite3_stmt *rows_since(sqlite3 *db, const char *sql, int64_t first)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+        return NULL;
+    sqlite3_bind_int64(st, 1, first);
+    return st;
+}
+
+/* Steps st (rows whose first column is a round) to the next row of a listed round and returns
+ * that round's object; NULL when the rows run out. Rows of unlisted rounds are skipped. */
+static cJSON *next_round_row(sqlite3_stmt *st, cJSON *arr, int64_t first, int64_t count)
+{
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        cJSON *r = round_obj(arr, first, sqlite3_column_int64(st, 0), count);
+        if (r)
+            return r;
+    }
+    return NULL;
+}
+
 static cJSON *rounds_json(struct server *s, long limit)
 {
     sqlite3 *db = pstore_db(s->store);
@@ -365,15 +388,11 @@ static cJSON *rounds_json(struct server *s, long limit)
     if (first < 0 || !contiguous)
         return o; /* rounds are contiguous in a healthy store; otherwise leave them bare */
     /* One row per client per round: [client id, status]. */
-    if (sqlite3_prepare_v2(db,
-                           "SELECT round, client, status FROM participation WHERE round >= ?1 "
-                           "ORDER BY round, client",
-                           -1, &st, NULL) == SQLITE_OK) {
-        sqlite3_bind_int64(st, 1, first);
-        while (sqlite3_step(st) == SQLITE_ROW) {
-            cJSON *r = round_obj(arr, first, sqlite3_column_int64(st, 0), count);
-            if (!r)
-                continue;
+    if ((st = rows_since(db,
+                         "SELECT round, client, status FROM participation WHERE round >= ?1 "
+                         "ORDER BY round, client",
+                         first))) {
+        for (cJSON *r; (r = next_round_row(st, arr, first, count));) {
             const char *status = (const char *)sqlite3_column_text(st, 2);
             cJSON *pair = cJSON_CreateArray();
             cJSON_AddItemToArray(pair, cJSON_CreateNumber((double)sqlite3_column_int64(st, 1)));
@@ -386,15 +405,11 @@ static cJSON *rounds_json(struct server *s, long limit)
         sqlite3_finalize(st);
     }
     /* Evaluation reports: the mean over evaluators, per metric. */
-    if (sqlite3_prepare_v2(db,
-                           "SELECT round, name, avg(value), count(*) FROM eval_metrics WHERE "
-                           "round >= ?1 GROUP BY round, name ORDER BY round, name",
-                           -1, &st, NULL) == SQLITE_OK) {
-        sqlite3_bind_int64(st, 1, first);
-        while (sqlite3_step(st) == SQLITE_ROW) {
-            cJSON *r = round_obj(arr, first, sqlite3_column_int64(st, 0), count);
-            if (!r)
-                continue;
+    if ((st = rows_since(db,
+                         "SELECT round, name, avg(value), count(*) FROM eval_metrics WHERE "
+                         "round >= ?1 GROUP BY round, name ORDER BY round, name",
+                         first))) {
+        for (cJSON *r; (r = next_round_row(st, arr, first, count));) {
             col_num(cJSON_GetObjectItem(r, "eval"), (const char *)sqlite3_column_text(st, 1), st,
                     2);
         }
@@ -522,6 +537,21 @@ static void send_json(struct hconn *c, cJSON *j, int head_only, int keep)
     free(txt);
 }
 
+/* The list endpoints page alike: ?limit=N from 1 to max, a 400 naming the range otherwise. */
+static void send_list(struct hconn *c, const struct http_parser_url *u, long def, long max,
+                      cJSON *(*build)(struct server *, long), int head_only, int keep)
+{
+    int bad = 0;
+    long limit = query_long(c->url, u, "limit", def, 1, max, &bad);
+    if (bad) {
+        char msg[64];
+        snprintf(msg, sizeof msg, "limit must be an integer from 1 to %ld\n", max);
+        respond_text(c, 400, NULL, msg, head_only, keep);
+        return;
+    }
+    send_json(c, build(c->s, limit), head_only, keep);
+}
+
 static void handle(struct hconn *c)
 {
     struct server *s = c->s;
@@ -574,7 +604,6 @@ static void handle(struct hconn *c)
                      keep);
         return;
     }
-    int bad = 0;
     switch (route) {
     case R_DASH:
         /* Everything the page needs is inline; it may talk to this server only. */
@@ -605,26 +634,12 @@ static void handle(struct hconn *c)
     case R_STATUS:
         send_json(c, status_json(s), head_only, keep);
         return;
-    case R_ROUNDS: {
-        long limit = query_long(c->url, &u, "limit", ROUNDS_DEFAULT, 1, ROUNDS_MAX, &bad);
-        if (bad) {
-            respond_text(c, 400, NULL, "limit must be an integer from 1 to 10000\n", head_only,
-                         keep);
-            return;
-        }
-        send_json(c, rounds_json(s, limit), head_only, keep);
+    case R_ROUNDS:
+        send_list(c, &u, ROUNDS_DEFAULT, ROUNDS_MAX, rounds_json, head_only, keep);
         return;
-    }
-    case R_CLIENTS: {
-        long limit = query_long(c->url, &u, "limit", CLIENTS_DEFAULT, 1, CLIENTS_MAX, &bad);
-        if (bad) {
-            respond_text(c, 400, NULL, "limit must be an integer from 1 to 100000\n", head_only,
-                         keep);
-            return;
-        }
-        send_json(c, clients_json(s, limit), head_only, keep);
+    case R_CLIENTS:
+        send_list(c, &u, CLIENTS_DEFAULT, CLIENTS_MAX, clients_json, head_only, keep);
         return;
-    }
     default:
         return;
     }

@@ -211,13 +211,8 @@ static int load_allow_list(struct server *s, const char *path)
             fclose(f);
             return -1;
         }
-        char *p = line;
-        while (*p == ' ' || *p == '\t')
-            p++;
-        char *e = p + strlen(p);
-        while (e > p && (e[-1] == '\n' || e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
-            *--e = '\0';
-        if (!*p || *p == '#')
+        char *p = server_list_entry(line);
+        if (!p)
             continue;
         if (s->nallowed == cap) {
             cap = cap ? cap * 2 : 64;

@@ -249,6 +249,14 @@ const struct opt_def *options_find_key(const char *section, const char *key)
     return NULL;
 }
 
+void options_section_header(FILE *f, const char **section, const struct opt_def *o)
+{
+    if (strcmp(*section, o->section) != 0) {
+        *section = o->section;
+        fprintf(f, "\n[%s]\n", *section);
+    }
+}
+
 void options_usage(FILE *f)
 {
     fprintf(f, "usage: cohortd --state-dir DIR --ca CA.pem --cert SERVER.pem --key SERVER.key\n"
@@ -258,10 +266,7 @@ void options_usage(FILE *f)
     const char *section = "";
     for (size_t i = 0; i < noptions; i++) {
         const struct opt_def *o = &options[i];
-        if (strcmp(section, o->section) != 0) {
-            section = o->section;
-            fprintf(f, "\n[%s]\n", section);
-        }
+        options_section_header(f, &section, o);
         char left[64];
         if (o->arg)
             snprintf(left, sizeof left, "--%s %s", o->flag, o->arg);

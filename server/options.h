@@ -51,6 +51,9 @@ const struct opt_def *options_find_key(const char *section, const char *key);
 /* Parses argv; returns 0 (go on), 1 (--help/--version printed: exit 0), 2 (usage error). */
 int options_parse_argv(struct config *c, int argc, char **argv);
 void options_usage(FILE *f);
+/* Writes "[section]" when o opens a new one; *section tracks the last written. The table
+ * keeps each section's options together, so --help and the example file group alike. */
+void options_section_header(FILE *f, const char **section, const struct opt_def *o);
 /* Checks combinations and derives fields (durable, log level). 0 or -1 with a message. */
 int options_finish(struct config *c);
 

@@ -11,6 +11,7 @@
 
 #include "cohort_err.h"
 #include "log.h"
+#include "metrics.h"
 #include "server.h"
 
 #define SCHEMA_VERSION "1"
@@ -247,20 +248,6 @@ int pstore_last_round(struct pstore *p, struct pstore_last *out)
     return rc == SQLITE_DONE ? 0 : COHORT_ESTORE;
 }
 
-static const char *status_name(int s)
-{
-    switch (s) {
-    case PART_ACCEPTED:
-        return "accepted";
-    case PART_DECLINED:
-        return "declined";
-    case PART_REJECTED:
-        return "rejected";
-    default:
-        return "dropped";
-    }
-}
-
 int pstore_commit_round(struct pstore *p, const struct pstore_round *r, const struct part *parts,
                         size_t nparts, int (*extra)(sqlite3 *db, void *arg), void *extra_arg)
 {
@@ -297,7 +284,8 @@ int pstore_commit_round(struct pstore *p, const struct pstore_round *r, const st
         sqlite3_clear_bindings(st);
         sqlite3_bind_int64(st, 1, (sqlite3_int64)r->round);
         sqlite3_bind_int64(st, 2, pt->client_id);
-        sqlite3_bind_text(st, 3, status_name(pt->status), -1, SQLITE_STATIC);
+        /* The store keeps the outcome labels the metrics use, so both count alike. */
+        sqlite3_bind_text(st, 3, metrics_part_result(pt), -1, SQLITE_STATIC);
         if (pt->status == PART_ACCEPTED || pt->status == PART_REJECTED)
             sqlite3_bind_int64(st, 4, (sqlite3_int64)pt->num_examples);
         if (pt->status == PART_ACCEPTED)

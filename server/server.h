@@ -190,6 +190,9 @@ struct server {
 
 double server_now(struct server *s);
 void server_iso_now(char *buf, size_t len);
+/* One line of a list file (--allow-clients, --peers-file) with its surrounding blanks cut
+ * off in place; NULL for a blank or '#' comment line, which the files allow anywhere. */
+char *server_list_entry(char *line);
 /* Starts an orderly shutdown; done=1 tells clients the run is over. */
 void server_shutdown(struct server *s, int done, const char *reason);
 
