@@ -1450,6 +1450,15 @@ static int adopt_layout(struct cohort_client *c, const Cohort__RoundOffer *of, s
     return 0;
 }
 
+/* XXH3-128 with servers that announce it, SHA-256 with older ones (protocol.md). */
+static void checksum_update(struct cohort_client *c, int use_xxh, const void *p, size_t n)
+{
+    if (use_xxh)
+        coh_xxh_update(c->xxh, p, n);
+    else
+        EVP_DigestUpdate(c->md, p, n);
+}
+
 /* Receives the offer's model chunks into c->global and checks the checksum. */
 static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
 {
@@ -1469,10 +1478,7 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
         if (rc < 0)
             return rc;
         if (rc == 1) {
-            if (use_xxh)
-                coh_xxh_update(c->xxh, v.data, v.len);
-            else
-                EVP_DigestUpdate(c->md, v.data, v.len);
+            checksum_update(c, use_xxh, v.data, v.len);
             off += v.len;
             i++;
             continue;
@@ -1522,10 +1528,7 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
                              v.round, v.offset, v.len, off, of->total_bytes);
         }
         memcpy(dst + off, v.data, v.len);
-        if (use_xxh)
-            coh_xxh_update(c->xxh, v.data, v.len);
-        else
-            EVP_DigestUpdate(c->md, v.data, v.len);
+        checksum_update(c, use_xxh, v.data, v.len);
         off += v.len;
         i++;
         coh_wire_free(env);
@@ -1631,10 +1634,7 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
             size_t k = n - done < room ? n - done : room;
             memcpy(c->tx + pos, src + off + done, k);
             swap_f32(c->tx + pos, k);
-            if (use_xxh)
-                coh_xxh_update(c->xxh, c->tx + pos, k);
-            else
-                EVP_DigestUpdate(c->md, c->tx + pos, k);
+            checksum_update(c, use_xxh, c->tx + pos, k);
             rc = write_all(c, c->tx, pos + k);
             if (rc < 0)
                 return rc;
@@ -1667,6 +1667,38 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
     return 0;
 }
 
+/* Receives the offered model (numel floats, layout already adopted) and hands it to the
+ * callback in *r, storing the callback's result in *cb. Returns recv_model's nonzero result,
+ * COHORT_ECANCELED when the client was stopped while the callback ran, else 0. */
+static int receive_and_call(struct cohort_client *c, const Cohort__RoundOffer *of,
+                            size_t numel, cohort_train_fn fn, void *user, struct cohort_round *r,
+                            int *cb)
+{
+    int rc = recv_model(c, of);
+    if (rc != 0)
+        return rc;
+    /* The callback may take long: do not hold the last chunk's receive buffer meanwhile. */
+    coh_frame_rx_trim(&c->rx, RX_KEEP);
+    memcpy(c->params, c->global, numel * sizeof(float));
+    memset(r, 0, sizeof *r);
+    r->round = of->round;
+    r->ntensors = c->lay.ntensors;
+    r->tensors = c->lay.info;
+    r->numel = numel;
+    r->global = c->global;
+    r->params = c->params;
+    r->num_examples = c->o.num_examples;
+    r->train_loss = NAN;
+    if (of->evaluate_only) {
+        r->evaluate = 1;
+        r->model_round = of->model_round;
+    }
+    *cb = fn(r, user);
+    /* Silence while the callback ran says nothing about the link. */
+    c->last_rx_ms = mono_ms();
+    return stopped(c) ? COHORT_ECANCELED : 0;
+}
+
 /* An evaluation offer (evaluators only): model in, callback, EvalReport out. */
 static int do_eval(struct cohort_client *c, const Cohort__RoundOffer *of, cohort_train_fn fn,
                    void *user)
@@ -1675,28 +1707,13 @@ static int do_eval(struct cohort_client *c, const Cohort__RoundOffer *of, cohort
     int rc = check_offer(c, of, &numel);
     if (rc == 0)
         rc = adopt_layout(c, of, numel);
-    if (rc == 0)
-        rc = recv_model(c, of);
     if (rc != 0)
         return rc;
-    coh_frame_rx_trim(&c->rx, RX_KEEP);
-    memcpy(c->params, c->global, numel * sizeof(float));
     struct cohort_round r;
-    memset(&r, 0, sizeof r);
-    r.round = of->round;
-    r.ntensors = c->lay.ntensors;
-    r.tensors = c->lay.info;
-    r.numel = numel;
-    r.global = c->global;
-    r.params = c->params;
-    r.num_examples = c->o.num_examples;
-    r.train_loss = NAN;
-    r.evaluate = 1;
-    r.model_round = of->model_round;
-    int cb = fn(&r, user);
-    c->last_rx_ms = mono_ms();
-    if (stopped(c))
-        return COHORT_ECANCELED;
+    int cb;
+    rc = receive_and_call(c, of, numel, fn, user, &r, &cb);
+    if (rc != 0)
+        return rc;
     if (cb < 0) {
         log_c(c, COHORT_LOG_WARN, "the evaluation of round %" PRIu64 " failed: %s; reporting "
               "no metrics", of->model_round, cohort_strerror(cb));
@@ -1758,27 +1775,11 @@ static int do_round(struct cohort_client *c, const Cohort__RoundOffer *of, cohor
     log_c(c, COHORT_LOG_DEBUG, "round %" PRIu64 " offered: %zu tensors, %" PRIu64 " bytes in "
           "%u chunks, deadline %.1f s", round, of->n_tensors, of->total_bytes, of->chunk_count,
           of->deadline_s);
-    rc = recv_model(c, of);
+    struct cohort_round r;
+    int cb;
+    rc = receive_and_call(c, of, numel, fn, user, &r, &cb);
     if (rc != 0)
         return rc;
-
-    /* Training may take long: do not hold the last chunk's receive buffer meanwhile. */
-    coh_frame_rx_trim(&c->rx, RX_KEEP);
-    memcpy(c->params, c->global, numel * sizeof(float));
-    struct cohort_round r = {0};
-    r.round = round;
-    r.ntensors = c->lay.ntensors;
-    r.tensors = c->lay.info;
-    r.numel = numel;
-    r.global = c->global;
-    r.params = c->params;
-    r.num_examples = c->o.num_examples;
-    r.train_loss = NAN;
-    int cb = fn(&r, user);
-    /* Training may take long; silence while it ran says nothing about the link. */
-    c->last_rx_ms = mono_ms();
-    if (stopped(c))
-        return COHORT_ECANCELED;
 
     char reason[sizeof r.decline_reason + 64];
     if (cb >= 0 && !r.decline && !r.params) {

@@ -10,4 +10,8 @@
  * 2 usage error, 1 failure), printing a clear one-line error to stderr on failure. */
 int certs_main(int argc, char **argv);
 
+/* certs_main with its standard output (a line per file written) discarded, for commands that
+ * make certificates on the way to something else; errors still reach stderr. */
+int certs_main_quiet(int argc, char **argv);
+
 #endif

@@ -1082,20 +1082,7 @@ static int make_certs(const struct sim *sim)
     char nbuf[32];
     snprintf(nbuf, sizeof nbuf, "%" PRIu64, sim->nclients);
     char *cargv[] = {"certs", "--out", (char *)sim->cdir, "--clients", nbuf, NULL};
-    fflush(stdout);
-    int saved = dup(1);
-    FILE *null = fopen("/dev/null", "w");
-    if (null)
-        dup2(fileno(null), 1);      /* certs prints a line per file */
-    int rc = certs_main(5, cargv);
-    fflush(stdout);
-    if (saved >= 0) {
-        dup2(saved, 1);
-        close(saved);
-    }
-    if (null)
-        fclose(null);
-    return rc == 0 ? 0 : -1;
+    return certs_main_quiet(5, cargv) == 0 ? 0 : -1;
 }
 
 static int add_specs(const char *list, struct spec *specs, size_t *nspecs)
