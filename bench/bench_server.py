@@ -29,7 +29,6 @@ import resource
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -37,6 +36,11 @@ import sys
 import tempfile
 import threading
 import time
+
+# free_port, kill_all and wait_port are the end-to-end tests' (standard library only too).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests", "e2e"))
+from cohort_e2e import free_port, kill_all, wait_port  # noqa: E402
 
 MiB = 1 << 20
 # Issue 5: Flower 1.6 on a 2-vCPU machine, N clients x P float32, TLS on.
@@ -93,14 +97,6 @@ def autogroup_nice():
         return None
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 class Bench:
     def __init__(self, build, name):
         self.build = os.path.abspath(build)
@@ -150,7 +146,7 @@ class Bench:
         log = open(os.path.join(self.dir, "cohortd-%s.log" % tag), "w")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
-        wait_port(port, proc)
+        wait_port(port, proc, timeout=30)
         proc.perf = None
         if PERF_DIR:
             data = os.path.join(PERF_DIR, "perf-%s.data" % tag)
@@ -184,10 +180,7 @@ class Bench:
         return proc.returncode, ru.ru_maxrss * 1024
 
     def cleanup(self, keep=False):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(self.procs)
         if not keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -211,19 +204,6 @@ def json_lines(text):
             except ValueError:
                 pass
     return out
-
-
-def wait_port(port, proc, timeout=30):
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError("cohortd exited with %s before listening" % proc.returncode)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("cohortd did not listen on %d" % port)
 
 
 def server_durations(state, first=2):

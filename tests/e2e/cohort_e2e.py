@@ -97,6 +97,25 @@ class Env:
         self.procs.append(p)
         return p
 
+    def model_files(self, layout, seeds, scale):
+        """Writes init.safetensors (random_tensors seed 0, scale 1.0) and, for the
+        i-th of seeds, u<i>.safetensors (random_tensors(seed, layout, scale)), i from 1;
+        -> (the init path, the update paths)."""
+        init = os.path.join(self.dir, "init.safetensors")
+        st_write(init, random_tensors(0, layout, 1.0))
+        ups = []
+        for i, seed in enumerate(seeds, 1):
+            p = os.path.join(self.dir, "u%d.safetensors" % i)
+            st_write(p, random_tensors(seed, layout, scale))
+            ups.append(p)
+        return init, ups
+
+    def other_ca(self):
+        """A second CA with one client certificate, in <dir>/other; -> that directory."""
+        other = os.path.join(self.dir, "other")
+        run([self.cohort, "certs", "--out", other, "--clients", "1"], quiet=True)
+        return other
+
     def db(self):
         return sqlite3.connect(os.path.join(self.state, "cohort.db"))
 
@@ -108,10 +127,15 @@ class Env:
             return f.read()
 
     def cleanup(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(self.procs)
+
+
+def kill_all(procs):
+    """Kills and reaps those of procs (Popen objects) still running."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def run(args, quiet=False, check=True, **kw):

@@ -112,6 +112,20 @@ def run_client(env, port, update, extra):
     return subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
 
 
+def after_welcome(env, update, junk, *words):
+    """A server that sends Welcome and then junk, on each of two connections;
+    -> (the client's result with --max-attempts 2, its output lines that name
+    any of words, case-insensitive)."""
+    def step(srv, s):
+        s.sendall(welcome())
+        s.sendall(junk)
+
+    srv = FakeServer(env, [step, step])
+    r = run_client(env, srv.port, update, ["--max-attempts", "2"])
+    said = [l for l in r.stdout.splitlines() if any(w in l.lower() for w in words)]
+    return r, said
+
+
 def main():
     t = Check("e2e-client-robustness")
     env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=1, name="clrob")
@@ -120,25 +134,12 @@ def main():
         st_write(update, random_tensors(3, [("w", [3000])], 0.1))
         data = struct.pack("<3000f", *[0.001 * i for i in range(3000)])
 
-        def garbage(srv, s):
-            s.sendall(welcome())
-            s.sendall(b"\x00\x00\x00\x07garbage")
-
-        srv = FakeServer(env, [garbage, garbage])
-        r = run_client(env, srv.port, update, ["--max-attempts", "2"])
+        r, said = after_welcome(env, update, b"\x00\x00\x00\x07garbage", "malformed", "decode")
         t.ok(r.returncode == 1, "garbage from the server: clean exit 1, no crash (got %d)" % r.returncode)
-        said = [l for l in r.stdout.splitlines() if "malformed" in l.lower() or "decode" in l.lower()]
         t.ok(len(said) >= 1, "the client says the server's frame was malformed: %s" % said[:1])
 
-        def huge(srv, s):
-            s.sendall(welcome())
-            s.sendall(b"\x7f\xff\xff\xff")
-
-        srv = FakeServer(env, [huge, huge])
-        r = run_client(env, srv.port, update, ["--max-attempts", "2"])
+        r, said = after_welcome(env, update, b"\x7f\xff\xff\xff", "exceed", "too big", "limit")
         t.ok(r.returncode == 1, "a 2 GiB frame announcement: clean exit 1 (got %d)" % r.returncode)
-        said = [l for l in r.stdout.splitlines()
-                if "exceed" in l.lower() or "too big" in l.lower() or "limit" in l.lower()]
         t.ok(len(said) >= 1, "the client names the size limit: %s" % said[:1])
 
         got = {}

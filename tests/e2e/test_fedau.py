@@ -57,14 +57,8 @@ def moments(v):
 def fedau_run(t, build):
     env = Env(build, nclients=5, name="fedau")
     try:
-        init = os.path.join(env.dir, "init.safetensors")
-        st_write(init, random_tensors(0, LAYOUT, 1.0))
-        ups, deltas = [], {}
-        for i in range(1, 6):
-            p = os.path.join(env.dir, "u%d.safetensors" % i)
-            st_write(p, random_tensors(i, LAYOUT, 0.05))
-            ups.append(p)
-            deltas["client-%d" % i] = flat(st_read(p))
+        init, ups = env.model_files(LAYOUT, range(1, 6), 0.05)
+        deltas = {"client-%d" % i: flat(st_read(p)) for i, p in enumerate(ups, 1)}
         srv = env.start_server(init, ["--rounds", str(ROUNDS), "--min-clients", "5",
                                       "--strategy", "fedau", "--fedau-cutoff", str(K),
                                       "--server-lr", str(ETA), "--round-timeout", "30"])

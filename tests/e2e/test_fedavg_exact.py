@@ -6,7 +6,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cohort_e2e import Check, Env, flat, rel_err, random_tensors, st_read, st_write, wait  # noqa
+from cohort_e2e import Check, Env, flat, rel_err, st_read, wait  # noqa
 
 LAYOUT = [("fc1.weight", [16, 12]), ("fc1.bias", [16]), ("fc2.weight", [3, 16]), ("fc2.bias", [3])]
 EXAMPLES = [100, 300, 600]
@@ -16,17 +16,11 @@ def main():
     t = Check("e2e-fedavg-exact")
     env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=3, name="fedavg")
     try:
-        init = os.path.join(env.dir, "init.safetensors")
-        st_write(init, random_tensors(0, LAYOUT, scale=1.0))
-        deltas = []
-        for i in range(3):
-            p = os.path.join(env.dir, "u%d.safetensors" % (i + 1))
-            tens = random_tensors(i + 1, LAYOUT, scale=0.05)
-            st_write(p, tens)
-            deltas.append(flat(st_read(p)))
+        init, ups = env.model_files(LAYOUT, (1, 2, 3), 0.05)
+        deltas = [flat(st_read(p)) for p in ups]
         srv = env.start_server(init, ["--rounds", "2", "--min-clients", "3",
                                       "--round-timeout", "30", "--chunk-bytes", "1024"])
-        clients = [env.start_client(i + 1, ["--update", os.path.join(env.dir, "u%d.safetensors" % (i + 1)),
+        clients = [env.start_client(i + 1, ["--update", ups[i],
                                             "--examples", str(EXAMPLES[i])]) for i in range(3)]
         t.ok(wait(srv, 60, "cohortd") == 0, "cohortd exits 0 after round 2")
         for i, c in enumerate(clients):

@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cohort_e2e import Check, free_port, run, wait_port  # noqa
+from cohort_e2e import Check, free_port, kill_all, run, wait_port  # noqa
 
 N = 20
 KILL = [2, 5, 9, 13, 17]      # 0-based node indices killed in phase 2
@@ -132,10 +132,7 @@ class Net:
             return f.read()
 
     def cleanup(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(self.procs)
 
 
 def wait_for(cond, timeout):

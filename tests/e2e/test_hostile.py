@@ -52,7 +52,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cohort_e2e import Check, Env, flat, rel_err, random_tensors, run, st_read, st_write, wait  # noqa
+from cohort_e2e import Check, Env, flat, rel_err, run, st_read, wait  # noqa
 
 LAYOUT = [("fc1.weight", [16, 12]), ("fc1.bias", [16]), ("fc2.weight", [3, 16]), ("fc2.bias", [3])]
 LAYOUT_ARG = ",".join("%s:%s" % (n, "x".join(str(d) for d in s)) for n, s in LAYOUT)
@@ -167,17 +167,10 @@ def main():
         crl = os.path.join(env.certs, "crl.pem")
         run([env.cohort, "certs", "--out", env.certs, "--ca-cert", ca, "--ca-key", cakey,
              "--crl", crl, "--revoke", os.path.join(env.certs, "h-revoked-1.pem")], quiet=True)
-        other = os.path.join(env.dir, "other")
-        run([env.cohort, "certs", "--out", other, "--clients", "1"], quiet=True)
+        other = env.other_ca()
 
         # ---- model and the honest updates
-        init = os.path.join(env.dir, "init.safetensors")
-        st_write(init, random_tensors(0, LAYOUT, 1.0))
-        upd = []
-        for i in (1, 2):
-            p = os.path.join(env.dir, "u%d.safetensors" % i)
-            st_write(p, random_tensors(10 + i, LAYOUT, 0.05))
-            upd.append(p)
+        init, upd = env.model_files(LAYOUT, (11, 12), 0.05)
 
         srv = env.start_server(init, [
             "--rounds", "3", "--min-clients", str(len(HONEST) + 5), "--round-timeout", "20",

@@ -10,7 +10,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cohort_e2e import Check, Env, flat, rel_err, random_tensors, st_read, st_write, wait  # noqa
+from cohort_e2e import Check, Env, flat, rel_err, st_read, wait  # noqa
 
 LAYOUT = [("fc.weight", [10, 50]), ("fc.bias", [10])]
 EXAMPLES = [100, 300, 600]
@@ -31,13 +31,7 @@ def main():
     t = Check("e2e-kill-restart")
     env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=3, name="kill")
     try:
-        init = os.path.join(env.dir, "init.safetensors")
-        st_write(init, random_tensors(0, LAYOUT, 1.0))
-        ups = []
-        for i in range(3):
-            p = os.path.join(env.dir, "u%d.safetensors" % (i + 1))
-            st_write(p, random_tensors(i + 1, LAYOUT, 0.05))
-            ups.append(p)
+        init, ups = env.model_files(LAYOUT, (1, 2, 3), 0.05)
         args = ["--rounds", str(ROUNDS), "--min-clients", "3", "--round-timeout", "30"]
         srv = env.start_server(init, args)
         # Each round takes at least 30 ms (the --exec trainer sleeps), so the kills

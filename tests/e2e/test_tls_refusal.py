@@ -7,7 +7,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cohort_e2e import Check, Env, flat, rel_err, random_tensors, run, st_read, st_write, wait  # noqa
+from cohort_e2e import Check, Env, flat, rel_err, st_read, wait  # noqa
 
 LAYOUT = [("w", [8, 8]), ("b", [8])]
 
@@ -16,15 +16,8 @@ def main():
     t = Check("e2e-tls-refusal")
     env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=2, name="tls")
     try:
-        other = os.path.join(env.dir, "other")
-        run([env.cohort, "certs", "--out", other, "--clients", "1"], quiet=True)
-        init = os.path.join(env.dir, "init.safetensors")
-        st_write(init, random_tensors(0, LAYOUT, 1.0))
-        ups = []
-        for i in (1, 2):
-            p = os.path.join(env.dir, "u%d.safetensors" % i)
-            st_write(p, random_tensors(10 + i, LAYOUT, 0.1))
-            ups.append(p)
+        other = env.other_ca()
+        init, ups = env.model_files(LAYOUT, (11, 12), 0.1)
         srv = env.start_server(init, ["--rounds", "1", "--min-clients", "2", "--round-timeout", "30"])
         ca = os.path.join(env.certs, "ca.pem")
         # The intruders come first, so the round is open while they are refused.

@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
-from cohort_e2e import Check, Env, flat, rel_err, st_read, st_write, wait  # noqa: E402
+from cohort_e2e import Check, Env, flat, random_tensors, rel_err, st_read, st_write, wait  # noqa: E402
 
 EXACT_LAYOUT = [("fc.weight", [32, 256]), ("fc.bias", [32])]
 EXAMPLES = [100, 300]
@@ -46,14 +46,8 @@ def write_f32(path, vals):
 
 
 def gauss_tensors(seed, layout, scale):
-    rnd = random.Random(seed)
-    out = []
-    for name, shape in layout:
-        n = 1
-        for d in shape:
-            n *= d
-        out.append((name, shape, f32([rnd.gauss(0, scale) for _ in range(n)])))
-    return out
+    """random_tensors rounded to float32, so they compare with what files hold."""
+    return [(name, shape, f32(vals)) for name, shape, vals in random_tensors(seed, layout, scale)]
 
 
 def blobs_csv(path, seed, n, d, classes, spread=0.6):

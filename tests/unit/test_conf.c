@@ -18,6 +18,14 @@
 #include "options.h"
 #include "server.h"
 
+/* Fails naming the first of want[0..n) that is not in text. */
+static void expect_all(const char *text, const char *const *want, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!strstr(text, want[i]))
+            fail_msg("missing '%s' in:\n%s", want[i], text);
+}
+
 /* ---- common/conf.c with a recording callback ---- */
 
 struct rec {
@@ -108,10 +116,7 @@ static void syntax_errors_name_lines(void **state)
         "t.conf:13: h: list elements are strings in double quotes\n",
         "t.conf:14: no thanks\n",
     };
-    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
-        if (!strstr(errs, want[i]))
-            fail_msg("missing '%s' in:\n%s", want[i], errs);
-    }
+    expect_all(errs, want, sizeof want / sizeof want[0]);
 }
 
 static void long_line_and_missing_file(void **state)
@@ -175,101 +180,121 @@ static int load(struct config *c, const char *text, char **msgs)
     return rc;
 }
 
+/* The fixture of the one-config tests: a config with the defaults, and the
+ * messages of the last fix_load; the teardown frees both. */
+struct cfg_fix {
+    struct config c;
+    char *msgs;
+};
+
+static int cfg_setup(void **state)
+{
+    struct cfg_fix *fx = calloc(1, sizeof *fx);
+    assert_non_null(fx);
+    cfg_init(&fx->c);
+    *state = fx;
+    return 0;
+}
+
+static int cfg_teardown(void **state)
+{
+    struct cfg_fix *fx = *state;
+    free(fx->msgs);
+    cfg_fini(&fx->c);
+    free(fx);
+    return 0;
+}
+
+/* load() into the fixture's config, keeping the messages in fx->msgs. */
+static int fix_load(struct cfg_fix *fx, const char *text)
+{
+    free(fx->msgs);
+    fx->msgs = NULL;
+    return load(&fx->c, text, &fx->msgs);
+}
+
 static void good_file(void **state)
 {
-    struct config c;
-    cfg_init(&c);
-    char *msgs;
-    int rc = load(&c,
-                  "# cohortd\n"
-                  "[server]\n"
-                  "listen = \"0.0.0.0:9000\"\n"
-                  "state_dir = \"/var/lib/cohortd\"\n"
-                  "[tls]\n"
-                  "require_client_cert = false\n"
-                  "[round]\n"
-                  "rounds = 20\n"
-                  "min_clients = 3\n"
-                  "round_deadline_s = 2.5\n"
-                  "[strategy]\n"
-                  "strategy = \"fedau\"\n"
-                  "variance_correction = true\n"
-                  "[http]\n"
-                  "listen = \"127.0.0.1:9464\"\n"
-                  "token = \"s3cret\"\n"
-                  "[log]\n"
-                  "format = \"json\"\n",
-                  &msgs);
-    assert_string_equal(msgs, "");
+    struct cfg_fix *fx = *state;
+    int rc = fix_load(fx,
+                      "# cohortd\n"
+                      "[server]\n"
+                      "listen = \"0.0.0.0:9000\"\n"
+                      "state_dir = \"/var/lib/cohortd\"\n"
+                      "[tls]\n"
+                      "require_client_cert = false\n"
+                      "[round]\n"
+                      "rounds = 20\n"
+                      "min_clients = 3\n"
+                      "round_deadline_s = 2.5\n"
+                      "[strategy]\n"
+                      "strategy = \"fedau\"\n"
+                      "variance_correction = true\n"
+                      "[http]\n"
+                      "listen = \"127.0.0.1:9464\"\n"
+                      "token = \"s3cret\"\n"
+                      "[log]\n"
+                      "format = \"json\"\n");
+    assert_string_equal(fx->msgs, "");
     assert_int_equal(rc, 0);
-    free(msgs);
-    assert_string_equal(c.listen, "0.0.0.0:9000");
-    assert_string_equal(c.state_dir, "/var/lib/cohortd");
-    assert_int_equal(c.require_client_cert, 0);
-    assert_int_equal(c.rounds, 20);
-    assert_int_equal(c.min_clients, 3);
-    assert_true(c.round_timeout_s == 2.5);
-    assert_string_equal(c.strategy, "fedau");
-    assert_int_equal(c.variance_correction, 1);
-    assert_string_equal(c.http, "127.0.0.1:9464");
-    assert_string_equal(c.http_token, "s3cret");
-    assert_string_equal(c.log_format_s, "json");
+    assert_string_equal(fx->c.listen, "0.0.0.0:9000");
+    assert_string_equal(fx->c.state_dir, "/var/lib/cohortd");
+    assert_int_equal(fx->c.require_client_cert, 0);
+    assert_int_equal(fx->c.rounds, 20);
+    assert_int_equal(fx->c.min_clients, 3);
+    assert_true(fx->c.round_timeout_s == 2.5);
+    assert_string_equal(fx->c.strategy, "fedau");
+    assert_int_equal(fx->c.variance_correction, 1);
+    assert_string_equal(fx->c.http, "127.0.0.1:9464");
+    assert_string_equal(fx->c.http_token, "s3cret");
+    assert_string_equal(fx->c.log_format_s, "json");
     /* Untouched options keep their defaults. */
-    assert_int_equal(c.max_frame_bytes, 8388608);
-    cfg_fini(&c);
+    assert_int_equal(fx->c.max_frame_bytes, 8388608);
 }
 
 static void unknown_key_and_section(void **state)
 {
-    struct config c;
-    cfg_init(&c);
-    char *msgs;
-    int rc = load(&c,
-                  "[round]\n"
-                  "rounds = 2\n"
-                  "roudns = 3\n"
-                  "state_dir = \"x\"\n"
-                  "[nope]\n"
-                  "a = 1\n"
-                  "b = 2\n"
-                  "[limits]\n"
-                  "max_frame_bytes = 4096\n",
-                  &msgs);
+    struct cfg_fix *fx = *state;
+    int rc = fix_load(fx,
+                      "[round]\n"
+                      "rounds = 2\n"
+                      "roudns = 3\n"
+                      "state_dir = \"x\"\n"
+                      "[nope]\n"
+                      "a = 1\n"
+                      "b = 2\n"
+                      "[limits]\n"
+                      "max_frame_bytes = 4096\n");
     assert_int_equal(rc, -1);
-    assert_non_null(strstr(msgs, "cohortd: cohortd.conf:3: unknown key roudns in [round]"));
+    assert_non_null(strstr(fx->msgs, "cohortd: cohortd.conf:3: unknown key roudns in [round]"));
     assert_non_null(
-        strstr(msgs, "cohortd: cohortd.conf:4: unknown key state_dir in [round]; it belongs "
-                     "in [server]\n"));
-    assert_non_null(strstr(msgs, "cohortd: cohortd.conf:5: unknown section [nope] (known: "
-                                 "[server] [tls]"));
+        strstr(fx->msgs, "cohortd: cohortd.conf:4: unknown key state_dir in [round]; it belongs "
+                         "in [server]\n"));
+    assert_non_null(strstr(fx->msgs, "cohortd: cohortd.conf:5: unknown section [nope] (known: "
+                                     "[server] [tls]"));
     /* Keys of an unknown section are not reported one by one. */
-    assert_null(strstr(msgs, "cohortd.conf:6"));
-    assert_null(strstr(msgs, "cohortd.conf:7"));
+    assert_null(strstr(fx->msgs, "cohortd.conf:6"));
+    assert_null(strstr(fx->msgs, "cohortd.conf:7"));
     /* Good keys around the bad ones still apply (the caller refuses the file). */
-    assert_int_equal(c.rounds, 2);
-    assert_int_equal(c.max_frame_bytes, 4096);
-    free(msgs);
-    cfg_fini(&c);
+    assert_int_equal(fx->c.rounds, 2);
+    assert_int_equal(fx->c.max_frame_bytes, 4096);
 }
 
 static void bad_values(void **state)
 {
-    struct config c;
-    cfg_init(&c);
-    char *msgs;
-    int rc = load(&c,
-                  "[round]\n"
-                  "rounds = -1\n"
-                  "min_clients = 0\n"
-                  "round_deadline_s = \"60\"\n"
-                  "[strategy]\n"
-                  "strategy = \"fedsgd\"\n"
-                  "weighting = examples\n"
-                  "variance_correction = yes\n"
-                  "server_lr = 1e9\n"
-                  "[limits]\n"
-                  "max_frame_bytes = 99999999999\n",
-                  &msgs);
+    struct cfg_fix *fx = *state;
+    int rc = fix_load(fx,
+                      "[round]\n"
+                      "rounds = -1\n"
+                      "min_clients = 0\n"
+                      "round_deadline_s = \"60\"\n"
+                      "[strategy]\n"
+                      "strategy = \"fedsgd\"\n"
+                      "weighting = examples\n"
+                      "variance_correction = yes\n"
+                      "server_lr = 1e9\n"
+                      "[limits]\n"
+                      "max_frame_bytes = 99999999999\n");
     assert_int_equal(rc, -1);
     const char *want[] = {
         "cohortd: cohortd.conf:2: round.rounds must be an integer between 0 and 100000000 "
@@ -288,36 +313,27 @@ static void bad_values(void **state)
         "cohortd: cohortd.conf:11: limits.max_frame_bytes must be an integer between 4096 and "
         "1073741824 (got '99999999999')\n",
     };
-    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
-        if (!strstr(msgs, want[i]))
-            fail_msg("missing '%s' in:\n%s", want[i], msgs);
+    expect_all(fx->msgs, want, sizeof want / sizeof want[0]);
     /* Nothing refused was applied. */
-    assert_int_equal(c.rounds, 0);
-    assert_int_equal(c.min_clients, 1);
-    assert_string_equal(c.strategy, "fedavg");
-    free(msgs);
-    cfg_fini(&c);
+    assert_int_equal(fx->c.rounds, 0);
+    assert_int_equal(fx->c.min_clients, 1);
+    assert_string_equal(fx->c.strategy, "fedavg");
 }
 
 static void duplicate_key(void **state)
 {
-    struct config c;
-    cfg_init(&c);
-    char *msgs;
-    int rc = load(&c,
-                  "[round]\n"
-                  "rounds = 2\n"
-                  "\n"
-                  "[limits]\n"
-                  "max_uploads = 2\n"
-                  "[round]\n"
-                  "rounds = 3\n",
-                  &msgs);
+    struct cfg_fix *fx = *state;
+    int rc = fix_load(fx,
+                      "[round]\n"
+                      "rounds = 2\n"
+                      "\n"
+                      "[limits]\n"
+                      "max_uploads = 2\n"
+                      "[round]\n"
+                      "rounds = 3\n");
     assert_int_equal(rc, -1);
-    assert_string_equal(msgs, "cohortd: cohortd.conf:7: duplicate key round.rounds (first set "
-                              "on line 2)\n");
-    free(msgs);
-    cfg_fini(&c);
+    assert_string_equal(fx->msgs, "cohortd: cohortd.conf:7: duplicate key round.rounds (first "
+                                  "set on line 2)\n");
 }
 
 /* Every option of the generated example, uncommented, loads and gives the
@@ -376,11 +392,8 @@ static void example_round_trip(void **state)
 
 static void command_line_wins(void **state)
 {
-    struct config c;
-    cfg_init(&c);
-    char *msgs;
-    assert_int_equal(load(&c, "[round]\nrounds = 5\nmin_clients = 4\n", &msgs), 0);
-    free(msgs);
+    struct cfg_fix *fx = *state;
+    assert_int_equal(fix_load(fx, "[round]\nrounds = 5\nmin_clients = 4\n"), 0);
     char *argv[] = {"cohortd", "--check-config", "--config", "x.conf", "--rounds", "9",
                     "--print-config-example", "--config=y", NULL};
     struct config_file_args a;
@@ -395,10 +408,9 @@ static void command_line_wins(void **state)
     assert_string_equal(argv2[1], "--rounds");
     assert_string_equal(argv2[2], "9");
     assert_null(argv2[3]);
-    assert_int_equal(options_parse_argv(&c, argc, argv2), 0);
-    assert_int_equal(c.rounds, 9);      /* the flag wins */
-    assert_int_equal(c.min_clients, 4); /* the file still counts */
-    cfg_fini(&c);
+    assert_int_equal(options_parse_argv(&fx->c, argc, argv2), 0);
+    assert_int_equal(fx->c.rounds, 9);      /* the flag wins */
+    assert_int_equal(fx->c.min_clients, 4); /* the file still counts */
 }
 
 int main(void)
@@ -408,12 +420,12 @@ int main(void)
         cmocka_unit_test(syntax_errors_name_lines),
         cmocka_unit_test(long_line_and_missing_file),
         cmocka_unit_test(error_buffer_is_bounded),
-        cmocka_unit_test(good_file),
-        cmocka_unit_test(unknown_key_and_section),
-        cmocka_unit_test(bad_values),
-        cmocka_unit_test(duplicate_key),
+        cmocka_unit_test_setup_teardown(good_file, cfg_setup, cfg_teardown),
+        cmocka_unit_test_setup_teardown(unknown_key_and_section, cfg_setup, cfg_teardown),
+        cmocka_unit_test_setup_teardown(bad_values, cfg_setup, cfg_teardown),
+        cmocka_unit_test_setup_teardown(duplicate_key, cfg_setup, cfg_teardown),
         cmocka_unit_test(example_round_trip),
-        cmocka_unit_test(command_line_wins),
+        cmocka_unit_test_setup_teardown(command_line_wins, cfg_setup, cfg_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

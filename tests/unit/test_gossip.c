@@ -38,19 +38,41 @@ int server_client_allowed(const struct server *s, const char *name)
     return 1;
 }
 
-/* own: w[2x2] = 1 2 3 4, b[2] = 1 1; received: w = 3 2 1 0, b = 3 3 and
- * w = 1 0 3 4, b = 5 -1. */
-static void three_models(struct coh_model *own, float r1[6], float r2[6])
+/* The fixture of the merge tests. own: w[2x2] = 1 2 3 4, b[2] = 1 1;
+ * received: r1 = w 3 2 1 0, b 3 3 and r2 = w 1 0 3 4, b 5 -1. out is what a
+ * merge writes; the teardown frees it and own. */
+struct merge_fix {
+    struct coh_model own, out;
+    float r1[6], r2[6];
+    const float *recv[2];
+};
+
+static int merge_setup(void **state)
 {
+    struct merge_fix *fx = calloc(1, sizeof *fx);
+    assert_non_null(fx);
     uint64_t sw[2] = {2, 2}, sb[1] = {2};
-    coh_model_init(own);
-    assert_int_equal(coh_model_add(own, "w", 2, sw), 0);
-    assert_int_equal(coh_model_add(own, "b", 1, sb), 0);
-    assert_int_equal(coh_model_alloc(own), 0);
+    coh_model_init(&fx->own);
+    assert_int_equal(coh_model_add(&fx->own, "w", 2, sw), 0);
+    assert_int_equal(coh_model_add(&fx->own, "b", 1, sb), 0);
+    assert_int_equal(coh_model_alloc(&fx->own), 0);
     const float o[6] = {1, 2, 3, 4, 1, 1}, a[6] = {3, 2, 1, 0, 3, 3}, b[6] = {1, 0, 3, 4, 5, -1};
-    memcpy(own->data, o, sizeof o);
-    memcpy(r1, a, sizeof a);
-    memcpy(r2, b, sizeof b);
+    memcpy(fx->own.data, o, sizeof o);
+    memcpy(fx->r1, a, sizeof a);
+    memcpy(fx->r2, b, sizeof b);
+    fx->recv[0] = fx->r1;
+    fx->recv[1] = fx->r2;
+    *state = fx;
+    return 0;
+}
+
+static int merge_teardown(void **state)
+{
+    struct merge_fix *fx = *state;
+    coh_model_fini(&fx->out); /* zeroed when unused or already freed */
+    coh_model_fini(&fx->own);
+    free(fx);
+    return 0;
 }
 
 static void expect(const struct coh_model *m, const double *want)
@@ -61,108 +83,85 @@ static void expect(const struct coh_model *m, const double *want)
 
 static void test_merge_plain_half(void **state)
 {
-    (void)state;
-    struct coh_model own, out;
-    float r1[6], r2[6];
-    three_models(&own, r1, r2);
-    const float *recv[2] = {r1, r2};
+    struct merge_fix *fx = *state;
     struct gossip_layer L[2];
     size_t nl = 99;
-    assert_int_equal(gossip_merge(&own, recv, 2, 0.5, 0, 0, &out, L, &nl), 0);
+    assert_int_equal(gossip_merge(&fx->own, fx->recv, 2, 0.5, 0, 0, &fx->out, L, &nl), 0);
     /* 0.5 * own + 0.5 * (r1 + r2) / 2 */
     const double want[6] = {1.5, 1.5, 2.5, 3.0, 2.5, 1.0};
-    expect(&out, want);
+    expect(&fx->out, want);
     assert_int_equal(nl, 1); /* only the 2-D tensor is a weight tensor */
     assert_int_equal(L[0].tensor, 0);
     assert_float_equal(L[0].own, 1.25, TOL);        /* Var(1 2 3 4) */
     assert_float_equal(L[0].received, 1.875, TOL);  /* (1.25 + 2.5) / 2 */
     assert_float_equal(L[0].merged, 0.421875, TOL); /* Var(1.5 1.5 2.5 3) */
     assert_float_equal(L[0].after, 0.421875, TOL);  /* plain: no correction */
-    coh_model_fini(&out);
-    coh_model_fini(&own);
 }
 
 static void test_merge_corrected_half(void **state)
 {
-    (void)state;
-    struct coh_model own, out;
-    float r1[6], r2[6];
-    three_models(&own, r1, r2);
-    const float *recv[2] = {r1, r2};
+    struct merge_fix *fx = *state;
     struct gossip_layer L[2];
     size_t nl = 0;
-    assert_int_equal(gossip_merge(&own, recv, 2, 0.5, 1, 0, &out, L, &nl), 0);
+    assert_int_equal(gossip_merge(&fx->own, fx->recv, 2, 0.5, 1, 0, &fx->out, L, &nl), 0);
     /* w: mean 2.125 kept, spread scaled by sqrt(1.875 / 0.421875) = 2 sqrt(10) / 3;
      * b (1-D) averaged only. */
     const double f = 2.0 * sqrt(10.0) / 3.0;
     const double want[6] = {2.125 - 0.625 * f, 2.125 - 0.625 * f, 2.125 + 0.375 * f,
                             2.125 + 0.875 * f, 2.5, 1.0};
-    expect(&out, want);
+    expect(&fx->out, want);
     assert_float_equal(want[0], 0.8073843, 1e-6);
     assert_float_equal(want[3], 3.9696620, 1e-6);
     double mu, var;
-    coh_vc_moments(out.data, NULL, 4, &mu, &var);
+    coh_vc_moments(fx->out.data, NULL, 4, &mu, &var);
     assert_float_equal(mu, 2.125, TOL);
     assert_float_equal(var, 1.875, TOL);
     assert_float_equal(L[0].merged, 0.421875, TOL);
     assert_float_equal(L[0].after, 1.875, TOL);
-    coh_model_fini(&out);
-    coh_model_fini(&own);
 }
 
 static void test_merge_beta_zero(void **state)
 {
-    (void)state;
-    struct coh_model own, out;
-    float r1[6], r2[6];
-    three_models(&own, r1, r2);
-    const float *recv[2] = {r1, r2};
+    struct merge_fix *fx = *state;
     /* Plain, beta 0: the own model is dropped: the mean of the received ones. */
-    assert_int_equal(gossip_merge(&own, recv, 2, 0.0, 0, 0, &out, NULL, NULL), 0);
+    assert_int_equal(gossip_merge(&fx->own, fx->recv, 2, 0.0, 0, 0, &fx->out, NULL, NULL), 0);
     const double plain[6] = {2, 1, 2, 2, 4, 1};
-    expect(&out, plain);
-    coh_model_fini(&out);
+    expect(&fx->out, plain);
+    coh_model_fini(&fx->out);
     /* Corrected, beta 0: w = (2 1 2 2), mean 1.75, Var 0.1875 -> 1.875: factor sqrt(10). */
     struct gossip_layer L[2];
     size_t nl = 0;
-    assert_int_equal(gossip_merge(&own, recv, 2, 0.0, 1, 0, &out, L, &nl), 0);
+    assert_int_equal(gossip_merge(&fx->own, fx->recv, 2, 0.0, 1, 0, &fx->out, L, &nl), 0);
     const double f = sqrt(10.0);
     const double corr[6] = {1.75 + 0.25 * f, 1.75 - 0.75 * f, 1.75 + 0.25 * f, 1.75 + 0.25 * f,
                             4, 1};
-    expect(&out, corr);
+    expect(&fx->out, corr);
     assert_float_equal(corr[1], -0.6217083, 1e-6);
     assert_float_equal(L[0].merged, 0.1875, TOL);
     assert_float_equal(L[0].after, 1.875, TOL);
-    coh_model_fini(&out);
+    coh_model_fini(&fx->out);
     /* With 1-D tensors included, b (4 1) is rescaled to the mean variance of
      * (3 3) and (5 -1): (0 + 9) / 2 = 4.5 around its mean 2.5. */
-    assert_int_equal(gossip_merge(&own, recv, 2, 0.0, 1, 1, &out, L, &nl), 0);
+    assert_int_equal(gossip_merge(&fx->own, fx->recv, 2, 0.0, 1, 1, &fx->out, L, &nl), 0);
     assert_int_equal(nl, 2);
     double mu, var;
-    coh_vc_moments(out.data + 4, NULL, 2, &mu, &var);
+    coh_vc_moments(fx->out.data + 4, NULL, 2, &mu, &var);
     assert_float_equal(mu, 2.5, TOL);
     assert_float_equal(var, 4.5, TOL);
-    assert_float_equal(out.data[4], 2.5 + 1.5 * sqrt(2.0), TOL);
-    coh_model_fini(&out);
-    coh_model_fini(&own);
+    assert_float_equal(fx->out.data[4], 2.5 + 1.5 * sqrt(2.0), TOL);
 }
 
 static void test_merge_one_model_and_bad_args(void **state)
 {
-    (void)state;
-    struct coh_model own, out;
-    float r1[6], r2[6];
-    three_models(&own, r1, r2);
-    const float *recv[1] = {r1};
-    /* m = 1, beta 0.5, corrected: w = (2 2 2 2) has no spread; eps keeps it finite. */
-    assert_int_equal(gossip_merge(&own, recv, 1, 0.5, 1, 0, &out, NULL, NULL), 0);
-    assert_true(coh_model_all_finite(&out));
+    struct merge_fix *fx = *state;
+    /* m = 1 (r1 only), beta 0.5, corrected: w = (2 2 2 2) has no spread; eps keeps it finite. */
+    assert_int_equal(gossip_merge(&fx->own, fx->recv, 1, 0.5, 1, 0, &fx->out, NULL, NULL), 0);
+    assert_true(coh_model_all_finite(&fx->out));
     for (int i = 0; i < 4; i++)
-        assert_float_equal(out.data[i], 2.0, TOL);
-    coh_model_fini(&out);
-    assert_int_not_equal(gossip_merge(&own, recv, 0, 0.5, 1, 0, &out, NULL, NULL), 0);
-    assert_int_not_equal(gossip_merge(&own, recv, 1, 1.5, 1, 0, &out, NULL, NULL), 0);
-    coh_model_fini(&own);
+        assert_float_equal(fx->out.data[i], 2.0, TOL);
+    coh_model_fini(&fx->out);
+    assert_int_not_equal(gossip_merge(&fx->own, fx->recv, 0, 0.5, 1, 0, &fx->out, NULL, NULL), 0);
+    assert_int_not_equal(gossip_merge(&fx->own, fx->recv, 1, 1.5, 1, 0, &fx->out, NULL, NULL), 0);
 }
 
 static void test_view_bounded(void **state)
@@ -311,10 +310,11 @@ static void test_view_exchange(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_merge_plain_half),
-        cmocka_unit_test(test_merge_corrected_half),
-        cmocka_unit_test(test_merge_beta_zero),
-        cmocka_unit_test(test_merge_one_model_and_bad_args),
+        cmocka_unit_test_setup_teardown(test_merge_plain_half, merge_setup, merge_teardown),
+        cmocka_unit_test_setup_teardown(test_merge_corrected_half, merge_setup, merge_teardown),
+        cmocka_unit_test_setup_teardown(test_merge_beta_zero, merge_setup, merge_teardown),
+        cmocka_unit_test_setup_teardown(test_merge_one_model_and_bad_args, merge_setup,
+                                        merge_teardown),
         cmocka_unit_test(test_view_bounded),
         cmocka_unit_test(test_view_backoff_and_drop),
         cmocka_unit_test(test_view_exchange),
