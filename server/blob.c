@@ -27,12 +27,12 @@ void blob_unref(struct model_blob *b)
 {
     if (!b || --b->refs > 0)
         return;
-    free((void *)b->data);
+    model_buf_put((float *)b->data, (size_t)(b->total_bytes / 4));
     free(b);
 }
 
-int blob_build(struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
-               struct model_blob **out)
+int blob_build(struct coh_model *m, uint64_t round, uint32_t chunk_bytes, const uint8_t *xxh3,
+               const uint8_t *sha256, struct model_blob **out)
 {
     if (chunk_bytes < 1024)
         chunk_bytes = 1024;
@@ -47,16 +47,64 @@ int blob_build(struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
     b->chunk_bytes = chunk_bytes;
     b->nchunks = total ? (size_t)((total + chunk_bytes - 1) / chunk_bytes) : 1;
     b->total_bytes = total;
-    unsigned int dl;
-    if (!EVP_Digest(m->data, (size_t)total, b->sha256, &dl, EVP_sha256(), NULL)) {
-        free(b);
-        return COHORT_ENOMEM;
+    if (xxh3)
+        memcpy(b->xxh3, xxh3, sizeof b->xxh3);
+    else
+        coh_xxh128(m->data, (size_t)total, b->xxh3);
+    if (sha256) {
+        memcpy(b->sha256, sha256, 32);
+        b->has_sha256 = 1;
     }
-    coh_xxh128(m->data, (size_t)total, b->xxh3);
     b->data = m->data;
     m->borrowed = 1;
     *out = b;
     return 0;
+}
+
+const uint8_t *blob_sha256(struct model_blob *b)
+{
+    unsigned int dl;
+    if (!b->has_sha256) {
+        if (!EVP_Digest(b->data, (size_t)b->total_bytes, b->sha256, &dl, EVP_sha256(), NULL))
+            return NULL;
+        b->has_sha256 = 1;
+    }
+    return b->sha256;
+}
+
+static float *spare;
+static size_t spare_numel;
+
+float *model_buf_get(size_t numel)
+{
+    if (spare && spare_numel == numel) {
+        float *b = spare;
+        spare = NULL;
+        return b;
+    }
+    size_t bytes = ((numel ? numel : 1) * sizeof(float) + 63) & ~(size_t)63;
+    return aligned_alloc(64, bytes);
+}
+
+void model_buf_put(float *buf, size_t numel)
+{
+    if (!buf)
+        return;
+    if (spare) {
+        if (spare_numel == numel) {
+            free(buf);
+            return;
+        }
+        free(spare); /* the layout changed: keep the newer size */
+    }
+    spare = buf;
+    spare_numel = numel;
+}
+
+void model_buf_drain(void)
+{
+    free(spare);
+    spare = NULL;
 }
 
 size_t blob_chunk_header(const struct model_blob *b, size_t i, uint8_t *hdr, size_t *data_off,

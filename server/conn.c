@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "checksum.h"
 #include "cohort_err.h"
 #include "dispatch.h"
 #include "gossip.h"
@@ -75,6 +76,7 @@ static void conn_free(struct conn *c)
     coh_wire_free(c->pending_begin);
     blob_unref(c->send_blob);
     coh_frame_rx_fini(&c->rx);
+    coh_xxh_free(c->up_xxh);
     SSL_free(c->ssl); /* frees both BIOs */
     connio_release(c);
     free(c);
@@ -166,6 +168,25 @@ void conn_flush(struct conn *c)
         c->write_err = rc;
         force_close(c);
     }
+}
+
+size_t conn_write_now(struct conn *c, const uint8_t *p, size_t n)
+{
+    if ((c->out && c->out->len) || c->tx_pending || c->handle_closed ||
+        uv_is_closing((uv_handle_t *)&c->tcp))
+        return 0;
+    uv_buf_t b = uv_buf_init((char *)p, (unsigned int)n);
+    int w = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (w < 0) {
+        if (w != UV_EAGAIN) {
+            c->write_err = w;
+            force_close(c);
+        }
+        return 0;
+    }
+    c->bytes_out += (size_t)w;
+    metrics_bytes_out((size_t)w);
+    return (size_t)w;
 }
 
 static int ssl_write_all(struct conn *c, const uint8_t *p, size_t n)
@@ -543,6 +564,10 @@ static int start_direct(struct conn *c)
     c->direct_len = v.len;
     c->direct_left = v.len - got;
     c->direct_dst = dst + got;
+    if (got)
+        round_direct_data(c->srv, c, got, c->direct_left == 0);
+    if (c->direct_left == 0)
+        c->direct_dst = NULL;
     return 1;
 }
 
@@ -588,12 +613,13 @@ static void process(struct conn *c)
         int n = SSL_read(c->ssl, p, avail > INT32_MAX ? INT32_MAX : (int)avail);
         if (n > 0 && c->direct_left > 0) {
             c->direct_left -= (size_t)n;
-            if (c->direct_dst)
+            if (c->direct_dst) {
                 c->direct_dst += n;
-            if (c->direct_left == 0 && c->direct_dst) {
-                c->direct_dst = NULL;
-                round_direct_end(c->srv, c, c->direct_len);
+                /* Checked while the piece is in cache; may refuse the update. */
+                round_direct_data(c->srv, c, (size_t)n, c->direct_left == 0);
             }
+            if (c->direct_left == 0)
+                c->direct_dst = NULL;
             continue;
         }
         if (n > 0) {

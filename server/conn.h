@@ -41,6 +41,7 @@ struct upload {
     uint64_t total;             /* bytes expected */
     double started;             /* loop seconds, for the upload deadline */
     uint64_t received;
+    uint64_t checked;           /* bytes tested finite and hashed (upload_absorb) */
     float *buf;
 };
 
@@ -78,6 +79,7 @@ struct conn {
     size_t send_off;            /* its payload bytes sent; 0: header not sent yet */
 
     struct upload up;
+    struct coh_xxh *up_xxh;     /* XXH3 of the upload so far (reset per upload) */
     /* An UpdateChunk's data being decrypted straight into the staging buffer:
      * bytes still to come, where they go (NULL: the upload was released, drop
      * them) and the chunk's data length. */
@@ -88,6 +90,7 @@ struct conn {
     int paused;
     int write_err;              /* libuv error of a failed write, 0: none */
     int evaluator;              /* Hello.role "evaluator": gets models to test, no rounds */
+    int xxh3_ok;                /* Hello.accepts_xxh3: offers need no model_sha256 */
     int eval_busy;              /* an evaluation offer awaits its EvalReport */
     uint64_t eval_round;        /* model round of the last evaluation offer */
 
@@ -125,6 +128,11 @@ void conn_sweep(struct server *s);
 /* Hands whatever ciphertext OpenSSL produced to the socket: written at once
  * when the socket takes it, queued otherwise. */
 void conn_flush(struct conn *c);
+/* Writes p to the socket now if nothing is gathered or queued before it and
+ * the socket takes it; returns the bytes written (0 when it must be queued;
+ * a write error closes the connection). Lets a TLS record go out from
+ * OpenSSL's own buffer without a copy. */
+size_t conn_write_now(struct conn *c, const uint8_t *p, size_t n);
 
 /* connio.c */
 int connio_init(void);

@@ -24,6 +24,7 @@
 static struct wreq *pool[POOL_KEEP];
 static size_t npool;
 static BIO_METHOD *read_meth, *write_meth;
+#define CONNIO_DIRECT_MIN 4096
 
 struct wreq *connio_wreq_get(void)
 {
@@ -113,6 +114,11 @@ static int write_ex(BIO *b, const char *data, size_t len, size_t *written)
     struct conn *c = BIO_get_data(b);
     BIO_clear_retry_flags(b);
     size_t done = 0;
+    /* A whole record (a model slice) goes to the socket from OpenSSL's buffer
+     * when nothing waits before it; only what the socket refuses is copied.
+     * Small records are gathered, so a burst of small frames is one write. */
+    if (len >= CONNIO_DIRECT_MIN)
+        done = conn_write_now(c, (const uint8_t *)data, len);
     while (done < len) {
         if (c->out && c->out->len == sizeof c->out->data)
             conn_flush(c);

@@ -90,6 +90,7 @@ static void on_hello(struct conn *c, const Cohort__Hello *h)
     idmap_put(&s->conns_by_client, (uint64_t)id, c);
     c->state = CONN_READY;
     c->evaluator = evaluator;
+    c->xxh3_ok = h->accepts_xxh3;
     if (evaluator)
         s->nevaluators++;
     else

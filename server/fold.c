@@ -20,3 +20,25 @@ void fold_apply(float *x, const float *acc, size_t n, float scale)
 {
     fold_accumulate(x, acc, n, scale);
 }
+
+/* Two BLAS passes per block of 16 Ki floats (64 KiB): the second finds the
+ * block in L1/L2, so this costs one pass over memory, not two. */
+#define FOLD_BLOCK ((size_t)16384)
+
+void fold_set(float *acc, const float *delta, size_t n, float w)
+{
+    for (size_t i = 0; i < n; i += FOLD_BLOCK) {
+        int k = (int)(n - i < FOLD_BLOCK ? n - i : FOLD_BLOCK);
+        cblas_scopy(k, delta + i, 1, acc + i, 1);
+        cblas_sscal(k, w, acc + i, 1);
+    }
+}
+
+void fold_apply_into(float *acc, const float *x, size_t n, float scale)
+{
+    for (size_t i = 0; i < n; i += FOLD_BLOCK) {
+        int k = (int)(n - i < FOLD_BLOCK ? n - i : FOLD_BLOCK);
+        cblas_sscal(k, scale, acc + i, 1);
+        cblas_saxpy(k, 1.0f, x + i, 1, acc + i, 1);
+    }
+}

@@ -9,7 +9,12 @@
 
 /* acc += w * delta */
 void fold_accumulate(float *acc, const float *delta, size_t n, float w);
+/* acc = w * delta: the round's first fold, so the accumulator needs no zeroing
+ * (whatever acc held before, NaN included, is overwritten). */
+void fold_set(float *acc, const float *delta, size_t n, float w);
 /* x += scale * acc  (scale = server_lr / divisor) */
 void fold_apply(float *x, const float *acc, size_t n, float scale);
+/* acc = x + scale * acc: the next model computed in the accumulator's place. */
+void fold_apply_into(float *acc, const float *x, size_t n, float scale);
 
 #endif

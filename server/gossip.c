@@ -352,7 +352,10 @@ static void merge_work(uv_work_t *req)
         snprintf(j->err, sizeof j->err, "the merged model is not finite");
         return;
     }
-    j->rc = blob_build(&j->out, j->round, j->chunk_bytes, &j->blob);
+    j->rc = blob_build(&j->out, j->round, j->chunk_bytes, NULL, NULL, &j->blob);
+    /* Peers check pushes by sha256: hash here, not on the loop thread. */
+    if (j->rc == 0 && !blob_sha256(j->blob))
+        j->rc = COHORT_ENOMEM;
     if (j->rc < 0)
         snprintf(j->err, sizeof j->err, "serializing: %s", cohort_strerror(j->rc));
 }

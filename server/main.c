@@ -402,7 +402,7 @@ int main(int argc, char **argv)
         coh_err("main", "model of %zu bytes exceeds --max-model-bytes", s->global.numel * 4);
         goto out;
     }
-    if (blob_build(&s->global, s->last_committed + 1, s->cfg.chunk_bytes, &s->blob) < 0)
+    if (blob_build(&s->global, s->last_committed + 1, s->cfg.chunk_bytes, NULL, NULL, &s->blob) < 0)
         goto out;
     s->ssl_ctx = tls_server_ctx(s->cfg.ca, s->cfg.cert, s->cfg.key, s->cfg.crl,
                                s->cfg.require_client_cert);
@@ -462,6 +462,7 @@ out:
     gossip_free(s);
     blob_unref(s->blob);
     coh_model_fini(&s->global);
+    model_buf_drain();
     if (s->strat)
         strategy_destroy(s->strat);
     free(s->strat);

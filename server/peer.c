@@ -316,8 +316,8 @@ static void send_push(struct server *s, struct conn *c, struct gossip_link *l)
     p.tensors = ptrs;
     p.total_bytes = s->blob->total_bytes;
     p.chunk_count = (uint32_t)s->blob->nchunks;
-    p.model_sha256.data = s->blob->sha256;
-    p.model_sha256.len = 32;
+    p.model_sha256.data = (uint8_t *)blob_sha256(s->blob);
+    p.model_sha256.len = p.model_sha256.data ? 32 : 0;
     p.address = g->self_addr;
     p.n_peers = ns;
     p.peers = pptrs;

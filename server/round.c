@@ -41,18 +41,17 @@ struct fold_job {
     size_t n;
     float weight;
     float *acc;
+    int first;                  /* the round's first fold: sets acc instead of adding */
     double fold_s;              /* time the fold took (pool thread) */
     /* Variance correction: Var(x + delta) per eligible tensor, computed while the
      * update is hot, so the round needs no second pass over the updates. */
     const struct coh_model *global;
     double *vars;
     int vc_1d;
-    /* Verification on the pool (the checksum and finiteness are the costliest
-     * per-byte work; the loop thread only copies chunks): */
+    /* Finiteness and XXH3 are checked as the data arrives (upload_absorb); an
+     * update that names only a sha256 (an older client) is hashed on the pool. */
     uint8_t expect[32];
-    int expect_xxh3;            /* expect holds an XXH3-128, else a sha256 */
-    int verdict;                /* 0, COHORT_ECHECKSUM or COHORT_ENONFINITE */
-    size_t bad_index;
+    int verdict;                /* 0 or COHORT_ECHECKSUM */
 };
 
 struct finalize_job {
@@ -60,9 +59,9 @@ struct finalize_job {
     struct server *s;
     uint64_t round;
     const struct coh_model *cur; /* s->global: read-only until finalize_done */
-    struct coh_model next;
-    float *acc;                 /* the round's accumulator when written to, else NULL */
+    struct coh_model next;      /* data: the accumulator, turned into x_{t+1} in place */
     int apply;                  /* 0: nothing accepted, the model stays as it is */
+    int want_sha;               /* a connected client needs the model's sha256 */
     float scale;
     double *vc_target;          /* per tensor target variance, NULL: no correction */
     int vc_1d;
@@ -70,7 +69,12 @@ struct finalize_job {
     uint32_t chunk_bytes;
     char path[1100];
     char relpath[64];           /* as stored: relative to the state directory */
-    uint8_t sha[32];
+    uint8_t sha[32];            /* of the checkpoint file (of the data in gossip mode) */
+    uint8_t data_sha[32];       /* of the data, when want_sha */
+    uint8_t xxh3[COH_XXH_LEN];
+    struct coh_xxh *xxh;
+    EVP_MD_CTX *md;
+    size_t bad_index;
     struct model_blob *blob;
     int rc;
     char err[1400];
@@ -190,8 +194,17 @@ static void send_offer(struct server *s, struct conn *c, int eval)
     o.chunk_count = (uint32_t)s->blob->nchunks;
     o.model_xxh3.data = s->blob->xxh3;
     o.model_xxh3.len = sizeof s->blob->xxh3;
-    o.model_sha256.data = s->blob->sha256;
-    o.model_sha256.len = 32;
+    if (!c->xxh3_ok) {
+        const uint8_t *sha = blob_sha256(s->blob);
+        if (!sha) {
+            free(infos);
+            free(ptrs);
+            conn_close(c, "out of memory hashing the model for the round offer");
+            return;
+        }
+        o.model_sha256.data = (uint8_t *)sha;
+        o.model_sha256.len = 32;
+    }
     double left = s->cur.deadline_at - server_now(s);
     o.deadline_s = left > 0 && !eval ? left : 0;
     Cohort__Envelope e = COHORT__ENVELOPE__INIT;
@@ -307,11 +320,11 @@ void round_maybe_start(struct server *s)
     r->opened_at = server_now(s);
     r->deadline_at = r->opened_at + s->cfg.round_timeout_s;
     server_iso_now(r->started_iso, sizeof r->started_iso);
-    if (r->acc && (r->acc_numel != s->global.numel || r->acc_dirty)) {
+    if (r->acc && r->acc_numel != s->global.numel) {
         free(r->acc);
         r->acc = NULL;
-        r->acc_dirty = 0;
     }
+    r->acc_folds = 0;
     free(r->vc_var_sum);
     r->vc_var_sum = NULL;
     if (s->cfg.variance_correction)
@@ -621,6 +634,11 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
     }
     struct upload *u = &c->up;
     memset(u, 0, sizeof *u);
+    if (!c->up_xxh && !(c->up_xxh = coh_xxh_new())) {
+        conn_send_error(c, COHORT_ENOMEM, b->round, 0, "server is out of memory; retry later");
+        return 0;
+    }
+    coh_xxh_reset(c->up_xxh);
     u->buf = staging_get(s);
     if (!u->buf) {
         memset(u, 0, sizeof *u);
@@ -649,10 +667,36 @@ uint8_t *round_direct_begin(struct server *s, struct conn *c, const struct coh_c
     return (uint8_t *)u->buf + u->received;
 }
 
-void round_direct_end(struct server *s, struct conn *c, size_t len)
+/* Checks and hashes what arrived since the last call while it is in cache:
+ * whole floats are tested for NaN and Inf, so a bad update is refused at the
+ * piece that holds the first bad value, and every byte goes into the XXH3 that
+ * UpdateEnd's checksum is compared with. 0, or -1 when the update was refused. */
+static int upload_absorb(struct server *s, struct conn *c)
+{
+    struct upload *u = &c->up;
+    uint64_t to = u->received & ~(uint64_t)3;
+    if (to <= u->checked)
+        return 0;
+    const float *f = u->buf + u->checked / 4;
+    size_t n = (size_t)(to - u->checked) / 4;
+    size_t bad = coh_first_nonfinite(f, n);
+    if (bad < n) {
+        reject(s, c, find_part(s, c->client_id), COHORT_ENONFINITE,
+               "update contains NaN or Inf (element %llu)",
+               (unsigned long long)(u->checked / 4 + bad));
+        return -1;
+    }
+    coh_xxh_update(c->up_xxh, f, n * 4);
+    u->checked = to;
+    return 0;
+}
+
+void round_direct_data(struct server *s, struct conn *c, size_t len, int chunk_done)
 {
     struct upload *u = &c->up;
     u->received += len;
+    if (upload_absorb(s, c) < 0 || !chunk_done)
+        return;
     struct part *p = find_part(s, c->client_id);
     if (p)
         p->bytes = u->received;
@@ -685,6 +729,8 @@ void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_vie
     }
     memcpy((uint8_t *)u->buf + u->received, v->data, v->len);
     u->received += v->len;
+    if (upload_absorb(s, c) < 0)
+        return;
     if (p)
         p->bytes = u->received;
 }
@@ -693,7 +739,10 @@ static void fold_work(uv_work_t *req)
 {
     struct fold_job *j = req->data;
     double t0 = metrics_now();
-    fold_accumulate(j->acc, j->delta, j->n, j->weight);
+    if (j->first)
+        fold_set(j->acc, j->delta, j->n, j->weight);
+    else
+        fold_accumulate(j->acc, j->delta, j->n, j->weight);
     if (j->vars) {
         const struct coh_model *g = j->global;
         for (size_t t = 0; t < g->ntensors; t++) {
@@ -752,6 +801,8 @@ static void start_fold(struct server *s)
     if (!fq_head)
         fq_tail = NULL;
     fold_running = 1;
+    /* Folds run one at a time, so this one knows whether any came before it. */
+    j->first = s->cur.acc_folds++ == 0;
     j->req.data = j;
     uv_queue_work(s->loop, &j->req, fold_work, fold_done);
 }
@@ -761,24 +812,19 @@ static void verify_work(uv_work_t *req)
     struct fold_job *j = req->data;
     uint8_t digest[32];
     unsigned int dl = 0;
-    if (j->expect_xxh3) {
-        coh_xxh128(j->delta, j->n * sizeof(float), digest);
-        if (memcmp(digest, j->expect, COH_XXH_LEN) != 0) {
-            j->verdict = COHORT_ECHECKSUM;
-            return;
-        }
-    } else if (!EVP_Digest(j->delta, j->n * sizeof(float), digest, &dl, EVP_sha256(), NULL) ||
-               CRYPTO_memcmp(digest, j->expect, 32) != 0) {
+    if (!EVP_Digest(j->delta, j->n * sizeof(float), digest, &dl, EVP_sha256(), NULL) ||
+        CRYPTO_memcmp(digest, j->expect, 32) != 0)
         j->verdict = COHORT_ECHECKSUM;
-        return;
-    }
-    for (size_t i = 0; i < j->n; i++) {
-        if (!isfinite(j->delta[i])) {
-            j->verdict = COHORT_ENONFINITE;
-            j->bad_index = i;
-            return;
-        }
-    }
+}
+
+static void queue_fold(struct server *s, struct fold_job *j)
+{
+    if (fq_tail)
+        fq_tail->next = j;
+    else
+        fq_head = j;
+    fq_tail = j;
+    start_fold(s);
 }
 
 static void verify_done(uv_work_t *req, int status)
@@ -786,20 +832,10 @@ static void verify_done(uv_work_t *req, int status)
     struct fold_job *j = req->data;
     struct server *s = j->s;
     if (j->verdict == 0) {
-        if (fq_tail)
-            fq_tail->next = j;
-        else
-            fq_head = j;
-        fq_tail = j;
-        start_fold(s);
+        queue_fold(s, j);
         return;
     }
-    char msg[160];
-    if (j->verdict == COHORT_ECHECKSUM)
-        snprintf(msg, sizeof msg, "%s of the update does not match UpdateEnd",
-                 j->expect_xxh3 ? "XXH3-128" : "sha256");
-    else
-        snprintf(msg, sizeof msg, "update contains NaN or Inf (element %zu)", j->bad_index);
+    const char *msg = "sha256 of the update does not match UpdateEnd";
     struct part *p = j->round == s->cur.id ? find_part(s, j->client_id) : NULL;
     if (p && p->status == PART_FOLDING) {
         p->status = PART_REJECTED;
@@ -863,10 +899,19 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
         reject(s, c, p, COHORT_EINVAL, "strategy gave weight %g", w);
         return;
     }
+    if (m->xxh3.len == COH_XXH_LEN) {
+        /* Every byte went through the XXH3 state as it arrived (upload_absorb). */
+        uint8_t digest[COH_XXH_LEN];
+        coh_xxh_final(c->up_xxh, digest);
+        if (memcmp(digest, m->xxh3.data, COH_XXH_LEN) != 0) {
+            reject(s, c, p, COHORT_ECHECKSUM, "XXH3-128 of the update does not match UpdateEnd");
+            return;
+        }
+    }
     if (!s->cur.acc) {
-        /* Allocated once and zeroed by each finalize on the pool, so rounds do
-         * not fault in a fresh model-sized buffer. */
-        s->cur.acc = calloc(s->global.numel ? s->global.numel : 1, sizeof(float));
+        /* No zeroing: the round's first fold overwrites it (fold_set). Usually the
+         * buffer of the model the last round replaced. */
+        s->cur.acc = model_buf_get(s->global.numel);
         s->cur.acc_numel = s->global.numel;
         if (!s->cur.acc) {
             reject(s, c, p, COHORT_ENOMEM, "server out of memory for the accumulator");
@@ -886,13 +931,6 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     j->n = s->global.numel;
     j->weight = (float)w;
     j->acc = s->cur.acc;
-    s->cur.acc_dirty = 1;
-    if (m->xxh3.len == COH_XXH_LEN) {
-        j->expect_xxh3 = 1;
-        memcpy(j->expect, m->xxh3.data, COH_XXH_LEN);
-    } else {
-        memcpy(j->expect, m->sha256.data, 32);
-    }
     if (s->cfg.variance_correction) {
         j->global = &s->global;
         j->vc_1d = s->cfg.vc_include_1d;
@@ -905,11 +943,17 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     }
     p->raw_weight = w;
     p->status = PART_FOLDING;
-    /* The staging buffer (and its slot) now belongs to the job: verified on the
-     * pool (in parallel with other verifications), then folded (one at a time). */
+    /* The staging buffer (and its slot) now belongs to the job: folded on the
+     * pool, one fold at a time, after a sha256 check there if that is the
+     * checksum the client sent. */
     u->buf = NULL;
     u->active = 0;
     s->cur.folds_inflight++;
+    if (m->xxh3.len == COH_XXH_LEN) {
+        queue_fold(s, j);
+        return;
+    }
+    memcpy(j->expect, m->sha256.data, 32);
     j->req.data = j;
     uv_queue_work(s->loop, &j->req, verify_work, verify_done);
 }
@@ -997,19 +1041,37 @@ void round_slot_freed(struct server *s)
 
 /* ---- finalize and commit ---- */
 
+/* The next model's per-block work while the block is in cache (called as each
+ * block is about to be written): its values (unless variance correction
+ * needed them all first), the finiteness check and the checksums. */
+static int finalize_block(void *arg, float *blk, size_t first, size_t n)
+{
+    struct finalize_job *j = arg;
+    if (j->apply && !j->vc_target)
+        fold_apply_into(blk, j->cur->data + first, n, j->scale);
+    size_t bad = coh_first_nonfinite(blk, n);
+    if (bad < n) {
+        j->bad_index = first + bad;
+        return COHORT_ENONFINITE;
+    }
+    coh_xxh_update(j->xxh, blk, n * sizeof(float));
+    if (j->md && !EVP_DigestUpdate(j->md, blk, n * sizeof(float)))
+        return COHORT_ENOMEM;
+    return 0;
+}
+
+/* x_{t+1} is computed in the accumulator's buffer, block by block as the
+ * checkpoint is written, so a round's end costs one pass over the model and
+ * no new model-sized buffer. */
 static void finalize_work(uv_work_t *req)
 {
     struct finalize_job *j = req->data;
-    if (coh_model_clone(&j->next, j->cur, 1) < 0) {
-        j->rc = COHORT_ENOMEM;
-        snprintf(j->err, sizeof j->err, "out of memory for the next model");
-        return;
-    }
-    if (j->acc && j->apply)
-        fold_apply(j->next.data, j->acc, j->next.numel, j->scale);
-    if (j->acc)
-        memset(j->acc, 0, j->next.numel * sizeof(float));
-    if (j->acc && j->apply && j->vc_target) {
+    size_t n = j->next.numel;
+    if (!j->apply)
+        memcpy(j->next.data, j->cur->data, n * sizeof(float));
+    if (j->apply && j->vc_target) {
+        /* The rescale needs each tensor's variance over all of its new values. */
+        fold_apply_into(j->next.data, j->cur->data, n, j->scale);
         for (size_t t = 0; t < j->next.ntensors; t++) {
             const struct coh_tensor *ten = &j->next.tensors[t];
             if (coh_vc_eligible(ten, j->vc_1d))
@@ -1017,24 +1079,54 @@ static void finalize_work(uv_work_t *req)
                                COH_VC_EPS);
         }
     }
-    if (!coh_model_all_finite(&j->next)) {
-        j->rc = COHORT_ENONFINITE;
-        snprintf(j->err, sizeof j->err, "the new model is not finite (server_lr too large?)");
+    j->xxh = coh_xxh_new();
+    j->md = j->want_sha ? EVP_MD_CTX_new() : NULL;
+    if (!j->xxh || (j->want_sha && (!j->md || !EVP_DigestInit_ex(j->md, EVP_sha256(), NULL)))) {
+        j->rc = COHORT_ENOMEM;
+        snprintf(j->err, sizeof j->err, "out of memory for the model's checksums");
         return;
     }
-    /* Gossip mode keeps no per-round checkpoint (gossip.c writes model.safetensors). */
     if (j->path[0]) {
-        j->rc = coh_st_save(j->path, &j->next, j->durable, j->sha);
-        if (j->rc < 0) {
-            snprintf(j->err, sizeof j->err, "writing %s: %s", j->path, cohort_strerror(j->rc));
-            return;
+        j->rc = coh_st_save_blocks(j->path, &j->next, j->durable, finalize_block, j, j->sha);
+    } else {
+        /* Gossip mode keeps no per-round checkpoint (gossip.c writes model.safetensors). */
+        for (size_t first = 0; first < n && j->rc == 0; first += COH_ST_BLOCK_FLOATS) {
+            size_t len = n - first < COH_ST_BLOCK_FLOATS ? n - first : COH_ST_BLOCK_FLOATS;
+            j->rc = finalize_block(j, j->next.data + first, first, len);
         }
     }
-    j->rc = blob_build(&j->next, j->round + 1, j->chunk_bytes, &j->blob);
+    if (j->rc == COHORT_ENONFINITE) {
+        snprintf(j->err, sizeof j->err, "the new model is not finite at element %zu "
+                 "(server_lr too large?)", j->bad_index);
+        return;
+    }
+    if (j->rc < 0) {
+        snprintf(j->err, sizeof j->err, "writing %s: %s", j->path[0] ? j->path : "the model",
+                 cohort_strerror(j->rc));
+        return;
+    }
+    unsigned int dl = 0;
+    if (j->md && !EVP_DigestFinal_ex(j->md, j->data_sha, &dl)) {
+        j->rc = COHORT_ENOMEM;
+        snprintf(j->err, sizeof j->err, "out of memory hashing the model");
+        return;
+    }
+    coh_xxh_final(j->xxh, j->xxh3);
+    if (!j->path[0])
+        memcpy(j->sha, j->data_sha, 32); /* rounds.sha256: the data's (docs/gossip.md) */
+    j->rc = blob_build(&j->next, j->round + 1, j->chunk_bytes, j->xxh3,
+                       j->md ? j->data_sha : NULL, &j->blob);
     if (j->rc < 0)
         snprintf(j->err, sizeof j->err, "serializing the model: %s", cohort_strerror(j->rc));
-    else if (!j->path[0])
-        memcpy(j->sha, j->blob->sha256, 32);
+}
+
+static void finalize_job_free(struct finalize_job *j)
+{
+    coh_model_fini(&j->next);
+    coh_xxh_free(j->xxh);
+    EVP_MD_CTX_free(j->md);
+    free(j->vc_target);
+    free(j);
 }
 
 struct commit_arg {
@@ -1073,9 +1165,7 @@ static void finalize_done(uv_work_t *req, int status)
     if (j->rc < 0) {
         coh_err("round", "round %llu: %s; cannot commit, stopping", (unsigned long long)j->round,
                 j->err);
-        coh_model_fini(&j->next);
-        free(j->vc_target);
-        free(j);
+        finalize_job_free(j);
         s->exit_code = 1;
         server_shutdown(s, 0, "server error while committing a round");
         return;
@@ -1122,29 +1212,25 @@ static void finalize_done(uv_work_t *req, int status)
         coh_err("round", "round %llu: the store refused the commit; stopping so no round is "
                 "lost (check disk space and %s/cohort.db)",
                 (unsigned long long)j->round, s->cfg.state_dir);
-        coh_model_fini(&j->next);
-        blob_unref(j->blob);
-        free(j->vc_target);
-        free(j);
+        blob_unref(j->blob); /* the data goes with it; next only borrowed it */
+        finalize_job_free(j);
         s->exit_code = 1;
         server_shutdown(s, 0, "server error while committing a round");
         return;
     }
     coh_model_fini(&s->global);
     s->global = j->next;
+    coh_model_init(&j->next);
     blob_unref(s->blob);
     s->blob = j->blob;
     s->last_committed = j->round;
     gossip_on_commit(s);
-    if (j->acc)
-        r->acc_dirty = 0;
-    free(j->vc_target);
     coh_notice("round",
                "round %llu: committed: %u of %u offered accepted, %llu examples, mean train loss "
                "%.4f, %.2f s (%s)",
                (unsigned long long)j->round, participants, offered, (unsigned long long)examples,
                mean_loss, pr.duration_s, pr.close_reason);
-    free(j);
+    finalize_job_free(j);
     metrics_round_committed(r->parts, r->nparts, participants, pr.duration_s);
     int final = s->cfg.rounds && s->last_committed >= s->cfg.rounds;
     broadcast_result(s, participants, mean_loss, final);
@@ -1202,8 +1288,28 @@ static void finalize(struct server *s)
     j->s = s;
     j->round = r->id;
     j->cur = &s->global;
-    j->acc = r->acc_dirty ? r->acc : NULL;
     j->apply = accepted > 0;
+    /* The accumulator becomes the next model (a fresh buffer when nothing was
+     * folded: the model is then copied unchanged). */
+    float *data = r->acc && r->acc_numel == s->global.numel ? r->acc : NULL;
+    if (!data) {
+        free(r->acc);
+        data = model_buf_get(s->global.numel);
+    }
+    r->acc = NULL;
+    if (!data || coh_model_clone_table(&j->next, &s->global) < 0) {
+        free(data);
+        free(j);
+        coh_err("round", "round %llu: out of memory finalizing", (unsigned long long)r->id);
+        s->exit_code = 1;
+        server_shutdown(s, 0, "out of memory");
+        return;
+    }
+    j->next.data = data;
+    for (struct conn *c = s->conn_list; c && !j->want_sha; c = c->next)
+        j->want_sha = c->state == CONN_READY && !c->xxh3_ok;
+    if (s->gossip)
+        j->want_sha = 1; /* peers check pushes by sha256 */
     j->scale = (float)(s->cfg.server_lr / divisor);
     j->durable = s->cfg.durable;
     j->vc_1d = s->cfg.vc_include_1d;

@@ -28,8 +28,9 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e);
  * go in the staging buffer, or NULL when the chunk does not continue the
  * upload (then it is decoded whole and refused by round_on_chunk). */
 uint8_t *round_direct_begin(struct server *s, struct conn *c, const struct coh_chunk_view *v);
-/* The len bytes announced by round_direct_begin have all arrived. */
-void round_direct_end(struct server *s, struct conn *c, size_t len);
+/* len more of the bytes announced by round_direct_begin have arrived (all of
+ * them when chunk_done). May refuse the update (then c->direct_dst is NULL). */
+void round_direct_data(struct server *s, struct conn *c, size_t len, int chunk_done);
 void round_on_chunk(struct server *s, struct conn *c, const struct coh_chunk_view *v);
 void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m);
 void round_on_decline(struct server *s, struct conn *c, const Cohort__Decline *m);

@@ -90,16 +90,30 @@ struct model_blob {
     uint32_t chunk_bytes;
     const float *data;          /* owned: freed with the last reference */
     uint64_t total_bytes;       /* model data bytes */
-    uint8_t sha256[32];         /* of the model data */
     uint8_t xxh3[16];           /* XXH3-128 of the model data (checksum.h) */
+    int has_sha256;             /* sha256 is computed only for clients that need it */
+    uint8_t sha256[32];         /* of the model data, when has_sha256 */
 };
 
 struct model_blob *blob_ref(struct model_blob *b);
+/* The last reference hands the data to model_buf_put. Loop thread. */
 void blob_unref(struct model_blob *b);
-/* Hashes m's data and takes it over for round (any thread): on success m
- * borrows its data from the blob. */
-int blob_build(struct coh_model *m, uint64_t round, uint32_t chunk_bytes,
-               struct model_blob **out);
+/* Takes m's data over for round (any thread): on success m borrows its data
+ * from the blob. xxh3 (may be NULL: computed here) is the data's XXH3-128, and
+ * sha256 (may be NULL: computed later, if ever, by blob_sha256) its sha256. */
+int blob_build(struct coh_model *m, uint64_t round, uint32_t chunk_bytes, const uint8_t *xxh3,
+               const uint8_t *sha256, struct model_blob **out);
+/* sha256 of the model data, computed on first use (a pass over the model on
+ * the calling thread; only clients and peers without XXH3 need it). NULL when
+ * out of memory. Not while another thread may call it on the same blob. */
+const uint8_t *blob_sha256(struct model_blob *b);
+
+/* One spare model-sized buffer, so each round reuses the buffer of the model
+ * it replaced (for its accumulator) instead of faulting in a new one.
+ * Loop thread. model_buf_get returns uninitialized memory (64-byte aligned). */
+float *model_buf_get(size_t numel);
+void model_buf_put(float *buf, size_t numel);
+void model_buf_drain(void);
 /* Encodes chunk i's frame header into hdr (at least COH_BLOB_HDR_MAX bytes);
  * returns its length and sets where its payload starts in the model data. */
 #define COH_BLOB_HDR_MAX 64
@@ -144,9 +158,9 @@ struct round {
     size_t nparts, capparts;
     uint32_t uploads_active;
     uint32_t folds_inflight;
-    float *acc;                 /* sum of raw_weight * delta; kept across rounds */
+    float *acc;                 /* sum of raw_weight * delta; becomes the next model */
     size_t acc_numel;
-    int acc_dirty;              /* folded into since the last finalize zeroed it */
+    uint32_t acc_folds;         /* folds started this round (the first sets acc) */
     double *vc_var_sum;         /* per tensor: sum over accepted updates of Var(x + delta) */
     const char *close_reason;
 };

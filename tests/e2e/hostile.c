@@ -54,6 +54,9 @@
  *                 mid-handshake, some reset; then a probe (TLS + Hello version 99) must
  *                 still get Error EVERSION
  *   honest        a correct update: ack accepted (checks this program's encoders)
+ *   offersums     takes the offer and the model: PASS when the model matches the offer's
+ *                 XXH3 and the offer has a matching model_sha256 without --accepts-xxh3,
+ *                 none with it (the server then never hashes the model with SHA-256)
  * Every update that is sent holds v[i] = ((i % 7) - 3) * 0.01 as float32 (the second one of
  * `duplicate`: 100 times that), num_examples = --examples (default 50).
  */
@@ -65,6 +68,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/sha.h>
 #include <openssl/ssl.h>
 #include <poll.h>
@@ -101,6 +105,7 @@ struct opts {
     uint64_t examples;
     long count;
     int timeout_ms;
+    int accepts_xxh3;           /* --accepts-xxh3: set Hello.accepts_xxh3 */
 };
 
 struct h {
@@ -132,6 +137,9 @@ struct h {
     uint8_t offer_xxh[COH_XXH_LEN];
     struct coh_xxh *xxh;
     int model_ok;               /* the last complete model matched the offer's XXH3 */
+    int offer_has_sha;          /* offersums: the offer's model_sha256, when it has one */
+    uint8_t offer_sha[32];
+    EVP_MD_CTX *md;             /* offersums: sha256 of the model as it arrives */
 };
 
 static int small_rcvbuf;        /* slowread: cap our receive buffer so the server's stalls */
@@ -356,12 +364,18 @@ static void on_frame(struct h *h, const uint8_t *f, size_t len)
         h->next_off = v.offset + v.len;
         if (h->xxh)
             coh_xxh_update(h->xxh, v.data, v.len);
+        if (h->md)
+            EVP_DigestUpdate(h->md, v.data, v.len);
         if (h->offer && h->chunks == h->chunk_count) {
             if (h->xxh) {
                 uint8_t d[COH_XXH_LEN];
                 coh_xxh_final(h->xxh, d);
                 h->model_ok = h->offer_has_xxh && memcmp(d, h->offer_xxh, COH_XXH_LEN) == 0;
             }
+            uint8_t sd[EVP_MAX_MD_SIZE];
+            if (h->md && EVP_DigestFinal_ex(h->md, sd, NULL) && h->offer_has_sha &&
+                memcmp(sd, h->offer_sha, 32) != 0)
+                h->offer_has_sha = -1; /* present but wrong */
             say("model complete chunks=%u%s", h->chunks,
                 h->xxh ? (h->model_ok ? " xxh3 ok" : " xxh3 MISMATCH") : "");
         }
@@ -392,8 +406,13 @@ static void on_frame(struct h *h, const uint8_t *f, size_t len)
         h->offer_has_xxh = o->model_xxh3.len == COH_XXH_LEN;
         if (h->offer_has_xxh)
             memcpy(h->offer_xxh, o->model_xxh3.data, COH_XXH_LEN);
+        h->offer_has_sha = o->model_sha256.len == 32;
+        if (h->offer_has_sha)
+            memcpy(h->offer_sha, o->model_sha256.data, 32);
         if (h->xxh)
             coh_xxh_reset(h->xxh);
+        if (h->md)
+            EVP_DigestInit_ex(h->md, EVP_sha256(), NULL);
         struct layout *l = &h->offered;
         for (size_t i = 0; i < l->n; i++)
             free(l->names[i]);
@@ -548,6 +567,7 @@ static int hello(struct h *h, uint32_t version, int send_now, uint8_t **out, siz
     m.software = "cohort hostile test client";
     m.num_examples = h->o->examples;
     m.role = "trainer";
+    m.accepts_xxh3 = h->o->accepts_xxh3;
     Cohort__Envelope e = COHORT__ENVELOPE__INIT;
     e.body_case = COHORT__ENVELOPE__BODY_HELLO;
     e.hello = &m;
@@ -1102,16 +1122,40 @@ static int mode_slowread(struct h *h)
                    h->undecodable, h->offsets_bad, h->model_ok ? "ok" : "bad");
 }
 
+/* The offer carries the checksums the client can use: model_sha256 only for a
+ * client without Hello.accepts_xxh3 (the server skips SHA-256 otherwise), and
+ * each checksum given matches the model that arrives. */
+static int mode_offersums(struct h *h)
+{
+    h->xxh = coh_xxh_new();
+    h->md = EVP_MD_CTX_new();
+    if (!h->xxh || !h->md || join_round(h) < 0)
+        return verdict(0, "could not join and receive the model");
+    int want_sha = !h->o->accepts_xxh3;
+    int pass = h->model_ok && h->undecodable == 0 && h->offsets_bad == 0 &&
+               (want_sha ? h->offer_has_sha == 1 : h->offer_has_sha == 0);
+    say("offer sums: xxh3 %s, sha256 %s", h->model_ok ? "matches" : "BAD",
+        h->offer_has_sha == 1 ? "present, matches" : h->offer_has_sha ? "present, WRONG"
+                                                                      : "absent");
+    coh_xxh_free(h->xxh);
+    h->xxh = NULL;
+    EVP_MD_CTX_free(h->md);
+    h->md = NULL;
+    return verdict(pass, "expected a matching XXH3 and %s", want_sha ?
+                   "a matching sha256 (Hello without accepts_xxh3)" :
+                   "no sha256 (Hello.accepts_xxh3 set)");
+}
+
 static int usage(void)
 {
     fprintf(stderr,
             "usage: hostile MODE --server HOST:PORT --ca CA --cert C --key K [--round R]\n"
             "               [--model-layout-from-offer | --layout NAME:D0xD1,...]\n"
-            "               [--examples N] [--count N] [--timeout-ms MS]\n"
+            "               [--examples N] [--count N] [--timeout-ms MS] [--accepts-xxh3]\n"
             "MODE: plaintext nocert othercca expired revoked badversion bigframe undecodable\n"
             "      truncated midupload badnames badshapes badcount nan inf closedround\n"
             "      futureround duplicate early notoffered badchecksum badxxh slowloris burst honest\n"
-            "      slowread\n");
+            "      slowread offersums\n");
     return 2;
 }
 
@@ -1126,6 +1170,10 @@ int main(int argc, char **argv)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--model-layout-from-offer")) {
             o.layout = NULL;
+            continue;
+        }
+        if (!strcmp(a, "--accepts-xxh3")) {
+            o.accepts_xxh3 = 1;
             continue;
         }
         if (!v)
@@ -1198,6 +1246,8 @@ int main(int argc, char **argv)
         rc = mode_slowloris(&h);
     else if (!strcmp(m, "slowread"))
         rc = mode_slowread(&h);
+    else if (!strcmp(m, "offersums"))
+        rc = mode_offersums(&h);
     else if (!strcmp(m, "burst"))
         rc = mode_burst(&h);
     else

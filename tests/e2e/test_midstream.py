@@ -32,7 +32,7 @@ def write_model(path):
 def main():
     t = Check("e2e-midstream")
     hostile = os.environ.get("COHORT_HOSTILE")
-    env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=1, name="midstream")
+    env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=2, name="midstream")
     try:
         init = os.path.join(env.dir, "init.safetensors")
         write_model(init)
@@ -51,6 +51,27 @@ def main():
         t.ok("result round=1" in out.stdout, "the client saw round 1's RoundResult")
         t.ok(wait(srv, 60, "cohortd") == 0, "cohortd finishes both rounds and exits 0")
         t.ok("round 1: deadline" in env.log(), "round 1 ended at its deadline during the stall")
+
+        # Offers carry model_sha256 only for clients that do not announce XXH3. The state
+        # dir resumes after round 2, so this server runs round 3 with both clients offered.
+        srv = env.start_server(init, ["--rounds", "3", "--min-clients", "2",
+                                      "--round-timeout", "2", "--chunk-bytes", str(1 << 20),
+                                      "--max-frame-bytes", str(2 << 20)])
+        procs = []
+        for i, flag in ((1, ["--accepts-xxh3"]), (2, [])):
+            cert, key = env.cert(i)
+            procs.append((flag, subprocess.Popen(
+                [hostile, "offersums", "--server", "127.0.0.1:%d" % env.port,
+                 "--ca", os.path.join(env.certs, "ca.pem"), "--cert", cert, "--key", key,
+                 "--timeout-ms", "30000"] + flag,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+        for flag, p in procs:
+            text = p.communicate(timeout=120)[0]
+            print("\n".join("# " + l for l in text.strip().splitlines()))
+            t.ok(p.returncode == 0 and "PASS" in text,
+                 "offer checksums for a client %s Hello.accepts_xxh3: %s" % (
+                     "with" if flag else "without", (text.strip().splitlines() or ["-"])[-1]))
+        t.ok(wait(srv, 60, "cohortd") == 0, "cohortd finishes round 3 and exits 0")
     finally:
         env.cleanup()
     t.done()

@@ -161,6 +161,35 @@ static void test_unknown_weighting_refused(void **state)
     assert_non_null(strstr(err, "unknown strategy"));
 }
 
+/* The round's first fold overwrites the accumulator (whatever it held, NaN
+ * included), later folds add, and the next model is computed in its place. */
+static void test_fold_set_and_apply_into(void **state)
+{
+    const size_t n = 40000; /* several of fold.c's blocks and a partial one */
+    float *acc = malloc(n * sizeof(float)), *d1 = malloc(n * sizeof(float)),
+          *d2 = malloc(n * sizeof(float)), *xt = malloc(n * sizeof(float));
+    assert_non_null(acc && d1 && d2 && xt);
+    for (size_t i = 0; i < n; i++) {
+        acc[i] = NAN;
+        d1[i] = (float)((double)(i % 97) - 48.0) * 0.01f;
+        d2[i] = (float)((double)(i % 13) - 6.0) * 0.1f;
+        xt[i] = (float)(i % 31) * 0.25f;
+    }
+    fold_set(acc, d1, n, 3.0f);
+    for (size_t i = 0; i < n; i++)
+        assert_true(acc[i] == 3.0f * d1[i]);
+    fold_accumulate(acc, d2, n, 5.0f);
+    fold_apply_into(acc, xt, n, 0.125f);
+    for (size_t i = 0; i < n; i++) {
+        double want = (double)xt[i] + 0.125 * (3.0 * (double)d1[i] + 5.0 * (double)d2[i]);
+        assert_true(fabs((double)acc[i] - want) <= 1e-6 * (fabs(want) + 1.0));
+    }
+    free(acc);
+    free(d1);
+    free(d2);
+    free(xt);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -169,6 +198,7 @@ int main(void)
         cmocka_unit_test(test_all_weighting_divides_by_registered),
         cmocka_unit_test(test_empty_round_keeps_model),
         cmocka_unit_test(test_unknown_weighting_refused),
+        cmocka_unit_test(test_fold_set_and_apply_into),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
