@@ -57,6 +57,7 @@
 /* How much to read past the frame in flight: one TLS record. */
 #define READ_AHEAD 16384u
 #define TX_PIECE 16384u         /* plaintext per write of an update chunk */
+#define COH_CLIENT_TLS_RBUF (64u << 10) /* OpenSSL's ciphertext buffer (read-ahead) */
 /* The receive buffer is released between rounds when it grew past this. */
 #define RX_KEEP (64u << 10)
 /* Room for the envelope and field headers around an update chunk's data. */
@@ -555,6 +556,12 @@ static int make_ssl_ctx(const struct cohort_opts *o, SSL_CTX **out)
     }
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    /* Without read-ahead OpenSSL makes two recv() calls per record (its 5-byte
+     * header, then the body); with it, one recv() fills the buffer with as many
+     * records as have arrived. Safe with this library's waits: it polls only
+     * after SSL_read asked for more bytes than OpenSSL holds. */
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(ctx, COH_CLIENT_TLS_RBUF);
     /* OpenSSL reports a missing file as "system lib"; errno says more. */
     const char *files[3] = {o->ca, o->cert, o->key};
     for (int i = 0; i < 3; i++) {
@@ -1629,13 +1636,21 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
         size_t n = total - off < chunk ? total - off : chunk, pos;
         (void)coh_wire_write_chunk(c->tx, COH_CHUNK_UPDATE, round, index, off, NULL, n, &pos);
         for (size_t done = 0; done < n;) {
-            /* Whole floats per piece, so they can be put in wire order here. */
-            size_t room = (TX_PIECE + COH_CHUNK_HEAD_MAX - pos) & ~(size_t)3;
+            /* Whole floats per piece, so they can be put in wire order here, and at
+             * most one TLS record's worth (16 KiB with the head), so no piece ends
+             * in a small record of its own. */
+            size_t room = (TX_PIECE - pos) & ~(size_t)3;
             size_t k = n - done < room ? n - done : room;
-            memcpy(c->tx + pos, src + off + done, k);
-            swap_f32(c->tx + pos, k);
-            checksum_update(c, use_xxh, c->tx + pos, k);
-            rc = write_all(c, c->tx, pos + k);
+            if (pos == 0 && host_is_little_endian()) {
+                /* Already in wire order: OpenSSL encrypts straight from params. */
+                checksum_update(c, use_xxh, src + off + done, k);
+                rc = write_all(c, src + off + done, k);
+            } else {
+                memcpy(c->tx + pos, src + off + done, k);
+                swap_f32(c->tx + pos, k);
+                checksum_update(c, use_xxh, c->tx + pos, k);
+                rc = write_all(c, c->tx, pos + k);
+            }
             if (rc < 0)
                 return rc;
             done += k;
@@ -1828,6 +1843,7 @@ static int handshake(struct cohort_client *c)
     h.software = (char *)COH_CLIENT_SOFTWARE;
     h.num_examples = c->o.num_examples;
     h.role = (char *)(c->o.role == COHORT_ROLE_EVALUATOR ? "evaluator" : "trainer");
+    h.accepts_xxh3 = 1;
     Cohort__Envelope e = COHORT__ENVELOPE__INIT;
     e.body_case = COHORT__ENVELOPE__BODY_HELLO;
     e.hello = &h;
