@@ -104,6 +104,7 @@ class Bench:
         self.cohort = os.path.join(self.build, "client", "cli", "cohort")
         self.loadgen = os.path.join(self.build, "bench", "cohort-loadgen")
         self.lcclients = os.path.join(self.build, "bench", "bench-lcclients")
+        self.tlsfloor = os.path.join(self.build, "bench", "bench-tlsfloor")
         self.dir = tempfile.mkdtemp(prefix="cohort-bench-%s-" % name)
         self.certs = os.path.join(self.dir, "certs")
         self.ncerts = 0
@@ -227,20 +228,51 @@ def tcp_mem_pages():
     return None
 
 
-class Monitor:
-    """Peak of the host's TCP buffer memory while a load runs (sampled every 0.25 s)."""
+def rss_parts(pid):
+    """(RssAnon, RssFile) of a process in bytes, None when it is gone."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            v = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f
+                 if l.startswith(("RssAnon:", "RssFile:"))}
+        return v["RssAnon"], v["RssFile"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
-    def __init__(self):
+
+class Monitor:
+    """Peak of the host's TCP buffer memory while a load runs (sampled every 0.25 s) and,
+    given a pid, the peak of that process's anonymous memory (sampled every 5 ms).
+
+    ru_maxrss counts the pages of the shared libraries a process has touched (RssFile:
+    libcrypto, OpenBLAS, libc, SQLite: about 10 MiB for cohortd). RssAnon is what the
+    process itself allocated: heap, model buffers, stacks. Model-sized buffers live for
+    milliseconds at least, so 5 ms sampling sees them."""
+
+    def __init__(self, pid=None):
         pages = tcp_mem_pages()
         self.base_mib = round(pages * 4096 / MiB, 1) if pages is not None else None
         self.peak = pages or 0
+        self.pid = pid
+        self.anon_peak = 0
+        self.file_at_anon_peak = 0
+        self.samples = 0
         self.done = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()
 
     def run(self):
-        while not self.done.wait(0.25):
-            self.peak = max(self.peak, tcp_mem_pages() or 0)
+        next_tcp = 0.0
+        while not self.done.wait(0.005 if self.pid else 0.25):
+            now = time.monotonic()
+            if now >= next_tcp:
+                self.peak = max(self.peak, tcp_mem_pages() or 0)
+                next_tcp = now + 0.25
+            if self.pid:
+                r = rss_parts(self.pid)
+                if r:
+                    self.samples += 1
+                    if r[0] > self.anon_peak:
+                        self.anon_peak, self.file_at_anon_peak = r
 
     def stop(self):
         self.done.set()
@@ -257,7 +289,7 @@ def loadgen_upload(b, n, p, rounds, tag, extra_server=(), timeout=300):
     # Many uploads wait for a slot with their data in socket buffers (cohortd stops
     # reading them); small send buffers keep that from exhausting the host's TCP memory.
     sndbuf = ["--sndbuf", "131072"] if n >= 500 else []
-    mon = Monitor()
+    mon = Monitor(proc.pid)
     r = run([b.loadgen, "upload", "--server", "127.0.0.1:%d" % port, "--ca", ca, "--ca-key",
              cakey, "--clients", str(n), "--rounds", str(rounds), "--server-pid", str(proc.pid),
              "--prefix", tag, "--timeout", str(timeout)] + sndbuf, timeout=timeout + 60,
@@ -270,6 +302,9 @@ def loadgen_upload(b, n, p, rounds, tag, extra_server=(), timeout=300):
     summ = next((l for l in lines if l["name"] == "loadgen_summary"), {})
     summ["tcp_mem_base_mib"] = mon.base_mib
     summ["tcp_mem_peak_mib"] = mon.peak_mib
+    summ["anon_peak"] = mon.anon_peak
+    summ["file_at_anon_peak"] = mon.file_at_anon_peak
+    summ["rss_samples"] = mon.samples
     if r.returncode != 0 or rc != 0:
         sys.stderr.write("loadgen rc=%d cohortd rc=%d: %s\n%s\n" % (
             r.returncode, rc, summ.get("first_error", ""), r.stderr[-2000:]))
@@ -343,10 +378,22 @@ def bench_round(b, quick):
     b.make_certs(max(n for n, _ in points))
     ca = os.path.join(b.certs, "ca.pem")
     for n, p in points:
+        floor = None
         for durability in (["full", "relaxed"] if not quick else ["full"]):
             tag = "round-%d-%d-%s" % (n, p, durability)
             if not wanted(tag):
                 continue
+            if floor is None:
+                # Same-run floor: the round's bytes over TLS on loopback and nothing else.
+                fr = run([b.tlsfloor, "--certs", b.certs, "--clients", str(n), "--bytes",
+                          str(4 * p), "--rounds", str(rounds)], timeout=600, check=False)
+                fl = json_lines(fr.stdout)
+                floor = fl[0]["value"] if fr.returncode == 0 and fl else 0
+                emit({"name": "round_tls_floor", "params": {"N": n, "P": p, "rounds": "2..%d" % rounds},
+                      "value": floor, "unit": "s", "rounds_s": fl[0]["rounds_s"] if fl else None,
+                      "note": "bench-tlsfloor: each client gets 4P bytes and sends 4P back over "
+                              "TLS 1.3 (AES-128-GCM) on loopback; no cohort code",
+                      "error": None if floor else fr.stderr[-300:]})
             proc, port, state = b.start_server(p, tag, [
                 "--min-clients", str(n), "--rounds", str(rounds), "--durability", durability,
                 "--max-connections", str(n + 100)])
@@ -378,6 +425,8 @@ def bench_round(b, quick):
                      "rounds_s": [round(t, 4) for t in times],
                      "server_cpu_s": round(proc.cpu_s, 2), "clients_cpu_s": round(clients_cpu, 2),
                      "run_wall_s": round(wall, 2),
+                     "tls_floor_s": floor or None,
+                     "over_tls_floor": round(med / floor, 2) if floor else None,
                      "client_process_maxrss_mb": round(summ.get("maxrss_kib", 0) * 1024 / 1e6, 1)}
             if fl_t:
                 ratio_line("round_time", params, round(med, 4), "s", "flower_1.6", fl_t,
@@ -397,8 +446,26 @@ def idle_rss(b, p, tag):
     time.sleep(1.0)
     with open("/proc/%d/status" % proc.pid) as f:
         rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+    smaps = smaps_breakdown(proc.pid)
     b.finish_server(proc, term=True)
-    return rss
+    return rss, smaps
+
+
+def smaps_breakdown(pid):
+    """Resident KiB per mapping (library file, [heap], anonymous), largest first."""
+    per = {}
+    name = None
+    try:
+        with open("/proc/%d/smaps" % pid) as f:
+            for line in f:
+                parts = line.split()
+                if "-" in parts[0] and len(parts) >= 5 and ":" not in parts[0]:
+                    name = os.path.basename(parts[5]) if len(parts) > 5 else "[anonymous]"
+                elif parts[0] == "Rss:" and name is not None:
+                    per[name] = per.get(name, 0) + int(parts[1])
+    except OSError:
+        return {}
+    return dict(sorted(((k, v) for k, v in per.items() if v > 0), key=lambda kv: -kv[1]))
 
 
 def bench_memory(b, quick):
@@ -408,34 +475,53 @@ def bench_memory(b, quick):
     # The floor: cohortd with its model loaded and no client (P = 1e5 shows the part that
     # does not depend on the model: code, libraries, OpenBLAS and SQLite buffers).
     for pp in (100000, p):
-        rss_idle = idle_rss(b, pp, "memory-idle-%d" % pp)
+        rss_idle, smaps = idle_rss(b, pp, "memory-idle-%d" % pp)
         emit({"name": "memory_idle_server_rss", "params": {"P": pp},
               "value": round(rss_idle / MiB, 1), "unit": "MiB",
-              "note": "cohortd with the model loaded, no clients"})
+              "note": "cohortd with the model loaded, no clients",
+              "resident_kib_by_mapping": smaps})
     base = rss_idle
     model = p * 4
-    for n in ns:
-        if not wanted("memory-%d" % n):
-            continue
-        # N = 1000: one round. From the second round on, the receive buffers that TCP
-        # autotuning grew during round 1 let ~900 paused uploads park ~1.7 MB each in the
-        # kernel; the host hits TCP memory pressure and the active uploads crawl
-        # (docs/performance.md, "memory").
-        rounds = 3 if n < 1000 else 1
-        per, summ, rss, rc, state = loadgen_upload(
-            b, n, p, rounds, "memory-%d" % n, ["--durability", "relaxed"])
-        target = 3 * model + 64 * 1024 * n
-        ok = rc == 0 and all(x["accepted"] == n for x in per) and len(per) == rounds
-        ratio_line("memory_server_peak_rss", {"N": n, "P": p, "rounds": rounds,
-                                              "clients": "cohort-loadgen"},
-                   round(rss / MiB, 1), "MiB", "target_3xmodel_plus_64KiBxN",
-                   round(target / MiB, 1),
-                   target_ratio=1.0, met=rss <= target, model_mib=round(model / MiB, 2),
-                   rss_over_model=round(rss / model, 2),
-                   rss_minus_idle_mib=round((rss - base) / MiB, 1),
-                   completed=ok, kernel_tcp_mem_peak_mib=summ.get("tcp_mem_peak_mib"),
-                   kernel_tcp_mem_before_mib=summ.get("tcp_mem_base_mib"),
-                   first_error=summ.get("first_error"))
+    # Two settings: the default (two uploads staged at once) and --max-uploads 1, which
+    # holds exactly three model-sized buffers (x_t, the accumulator, one staging buffer).
+    for mu in (2, 1):
+        for n in ns:
+            if not wanted("memory-%d" % n):
+                continue
+            memory_point(b, n, p, mu, base)
+
+
+def memory_point(b, n, p, mu, base):
+    model = p * 4
+    # N = 1000: one round. From the second round on, the receive buffers that TCP
+    # autotuning grew during round 1 let ~900 paused uploads park ~1.7 MB each in the
+    # kernel; the host hits TCP memory pressure and the active uploads crawl
+    # (docs/performance.md, "memory").
+    rounds = 3 if n < 1000 else 1
+    per, summ, rss, rc, state = loadgen_upload(
+        b, n, p, rounds, "memory-%d-mu%d" % (n, mu),
+        ["--durability", "relaxed", "--max-uploads", str(mu)])
+    target = 3 * model + 64 * 1024 * n
+    ok = rc == 0 and all(x["accepted"] == n for x in per) and len(per) == rounds
+    anon = summ.get("anon_peak", 0)
+    params = {"N": n, "P": p, "rounds": rounds, "max_uploads": mu, "clients": "cohort-loadgen"}
+    ratio_line("memory_server_peak_anon", params,
+               round(anon / MiB, 1), "MiB", "target_3xmodel_plus_64KiBxN",
+               round(target / MiB, 1), target_ratio=1.0, met=ok and 0 < anon <= target,
+               model_mib=round(model / MiB, 2), anon_over_model=round(anon / model, 2),
+               file_backed_at_peak_mib=round(summ.get("file_at_anon_peak", 0) / MiB, 1),
+               samples=summ.get("rss_samples"), completed=ok,
+               note="RssAnon sampled every 5 ms: the server's own allocations, without "
+                    "the shared-library pages ru_maxrss also counts")
+    ratio_line("memory_server_peak_rss", params,
+               round(rss / MiB, 1), "MiB", "target_3xmodel_plus_64KiBxN",
+               round(target / MiB, 1),
+               target_ratio=1.0, met=rss <= target, model_mib=round(model / MiB, 2),
+               rss_over_model=round(rss / model, 2),
+               rss_minus_idle_mib=round((rss - base) / MiB, 1),
+               completed=ok, kernel_tcp_mem_peak_mib=summ.get("tcp_mem_peak_mib"),
+               kernel_tcp_mem_before_mib=summ.get("tcp_mem_base_mib"),
+               first_error=summ.get("first_error"))
 
 
 def bench_scale(b, quick):

@@ -720,6 +720,7 @@ static void service(struct conn *c, double now)
         Cohort__Hello h = COHORT__HELLO__INIT;
         h.protocol_version = COH_PROTOCOL_VERSION;
         h.software = (char *)"cohort-loadgen";
+        h.accepts_xxh3 = 1; /* it never checks the model it is sent */
         h.num_examples = O.examples;
         h.role = (char *)"trainer";
         Cohort__Envelope e = COHORT__ENVELOPE__INIT;

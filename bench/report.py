@@ -126,16 +126,28 @@ def main():
     if mem:
         idle = pick(rows, "memory_idle_server_rss", P=1000000) or {}
         idle5 = pick(rows, "memory_idle_server_rss", P=100000) or {}
-        t = [[r["params"]["N"], r["value"], r["ref"]["value"], r.get("ratio"), r.get("met"),
-              r.get("rss_over_model"), r.get("rss_minus_idle_mib"), r.get("completed"),
-              r["params"].get("rounds"), r.get("kernel_tcp_mem_peak_mib")]
-             for r in sorted(mem, key=lambda r: r["params"]["N"])]
+        t = []
+        for r in sorted(mem, key=lambda r: (-r["params"].get("max_uploads", 2),
+                                            r["params"]["N"])):
+            pr = r["params"]
+            an = pick(rows, "memory_server_peak_anon", N=pr["N"],
+                      max_uploads=pr.get("max_uploads", 2)) or {}
+            t.append([pr.get("max_uploads", 2), pr["N"], r["value"], an.get("value"),
+                      r["ref"]["value"], r.get("ratio"), r.get("met"), an.get("ratio"),
+                      an.get("met"), an.get("file_backed_at_peak_mib"),
+                      r.get("rss_minus_idle_mib"), r.get("completed"), pr.get("rounds"),
+                      r.get("kernel_tcp_mem_peak_mib")])
         out.append("### memory (P = 1e6, model 3.81 MiB; idle cohortd with this model: %s MiB, "
                    "with a P = 1e5 model: %s MiB)\n" % (fmt(idle.get("value"), 1),
                                                        fmt(idle5.get("value"), 1)))
-        out.append(table(["N", "peak RSS MiB", "target MiB", "RSS / target", "met",
-                          "RSS / model", "RSS − idle MiB", "completed", "rounds",
-                          "host TCP buffers peak MiB"], t))
+        out.append(table(["--max-uploads", "N", "peak RSS MiB", "peak anon MiB", "target MiB",
+                          "RSS / target", "RSS met", "anon / target", "anon met",
+                          "file-backed at anon peak MiB", "RSS − idle MiB", "completed",
+                          "rounds", "host TCP buffers peak MiB"], t))
+        if idle.get("resident_kib_by_mapping"):
+            top = list(idle["resident_kib_by_mapping"].items())[:12]
+            out.append("\nIdle cohortd (P = 1e6), resident KiB by mapping: " +
+                       ", ".join("%s %d" % kv for kv in top) + "\n")
         out.append("\n" + loads(rows, {"memory_server_peak_rss"}) + "\n")
 
     hb = pick(rows, "scale_heartbeat_rtt_p99")

@@ -1,0 +1,266 @@
+/*
+ * bench-tlsfloor: the same-run floor for the round benchmark. It moves the
+ * bytes of a round and nothing else: a server sends B bytes to each of N
+ * clients over TLS 1.3 (mutual, TLS_AES_128_GCM_SHA256, as cohortd prefers)
+ * on 127.0.0.1, each client sends B bytes back, and the server answers one
+ * byte when it has all of them. No framing, checksums, folding, checkpoint or
+ * store: what is left is encryption, decryption and loopback TCP, which any
+ * server and client doing this round over TLS on this machine must pay.
+ *
+ *   bench-tlsfloor --certs DIR --clients N --bytes B [--rounds R]
+ *
+ * DIR is what `cohort certs --clients N` writes. The server is a process of its
+ * own with a thread per connection (so its encryption may use both cores:
+ * a lower floor than cohortd's single loop thread); the clients are threads of
+ * this process, as in bench-lcclients. Buffers are model-sized and reused, as
+ * in cohort. Prints one JSON line: per-round wall times and their median over
+ * rounds 2..R.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_ROUNDS 64
+#define PIECE 16384
+
+static const char *certs;
+static int nclients, rounds = 5;
+static size_t nbytes;
+static uint8_t *payload;        /* what both sides send, shared read-only */
+
+static void die(const char *what)
+{
+    fprintf(stderr, "bench-tlsfloor: %s\n", what);
+    ERR_print_errors_fp(stderr);
+    exit(1);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static SSL_CTX *make_ctx(int server, const char *cert, const char *key)
+{
+    char ca[1024];
+    snprintf(ca, sizeof ca, "%s/ca.pem", certs);
+    SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    if (!ctx || !SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) ||
+        !SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256") ||
+        SSL_CTX_use_certificate_chain_file(ctx, cert) != 1 ||
+        SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1)
+        die("TLS context");
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (server ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0), NULL);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    return ctx;
+}
+
+static int write_n(SSL *ssl, const uint8_t *p, size_t n)
+{
+    for (size_t off = 0; off < n;) {
+        size_t k = n - off < PIECE ? n - off : PIECE, w = 0;
+        if (!SSL_write_ex(ssl, p + off, k, &w))
+            return -1;
+        off += w;
+    }
+    return 0;
+}
+
+static int read_n(SSL *ssl, uint8_t *p, size_t n)
+{
+    for (size_t off = 0; off < n;) {
+        size_t r = 0;
+        if (!SSL_read_ex(ssl, p + off, n - off, &r))
+            return -1;
+        off += r;
+    }
+    return 0;
+}
+
+/* ---- server process: a thread per connection ---- */
+
+struct sconn {
+    SSL *ssl;
+};
+
+static void *serve(void *arg)
+{
+    struct sconn *sc = arg;
+    uint8_t *sink = malloc(nbytes ? nbytes : 1);
+    if (!sink)
+        die("out of memory");
+    if (SSL_accept(sc->ssl) != 1)
+        die("server handshake");
+    for (int r = 0; r < rounds; r++) {
+        uint8_t go;
+        if (read_n(sc->ssl, &go, 1) < 0 || write_n(sc->ssl, payload, nbytes) < 0 ||
+            read_n(sc->ssl, sink, nbytes) < 0 || write_n(sc->ssl, &go, 1) < 0)
+            die("server transfer");
+    }
+    free(sink);
+    return NULL;
+}
+
+static void run_server(int lfd)
+{
+    char cert[1024], key[1024];
+    snprintf(cert, sizeof cert, "%s/server.pem", certs);
+    snprintf(key, sizeof key, "%s/server.key", certs);
+    SSL_CTX *ctx = make_ctx(1, cert, key);
+    pthread_t *th = calloc((size_t)nclients, sizeof *th);
+    struct sconn *sc = calloc((size_t)nclients, sizeof *sc);
+    for (int i = 0; i < nclients; i++) {
+        int fd = accept(lfd, NULL, NULL);
+        if (fd < 0)
+            die("accept");
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        sc[i].ssl = SSL_new(ctx);
+        SSL_set_fd(sc[i].ssl, fd);
+        if (pthread_create(&th[i], NULL, serve, &sc[i]) != 0)
+            die("pthread_create");
+    }
+    for (int i = 0; i < nclients; i++)
+        pthread_join(th[i], NULL);
+    _exit(0);
+}
+
+/* ---- clients: threads of this process ---- */
+
+struct client {
+    int idx;
+    uint16_t port;
+    SSL *ssl;
+    uint8_t *buf;
+};
+
+static pthread_barrier_t bar;
+static double t_start[MAX_ROUNDS], t_end[MAX_ROUNDS];
+
+static void *client(void *arg)
+{
+    struct client *c = arg;
+    char cert[1024], key[1024];
+    snprintf(cert, sizeof cert, "%s/client-%d.pem", certs, c->idx + 1);
+    snprintf(key, sizeof key, "%s/client-%d.key", certs, c->idx + 1);
+    SSL_CTX *ctx = make_ctx(0, cert, key);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(c->port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0)
+        die("connect");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->ssl = SSL_new(ctx);
+    SSL_set_fd(c->ssl, fd);
+    if (SSL_connect(c->ssl) != 1)
+        die("client handshake");
+    for (int r = 0; r < rounds; r++) {
+        pthread_barrier_wait(&bar);
+        if (c->idx == 0)
+            t_start[r] = now_s();
+        uint8_t go = 1;
+        if (write_n(c->ssl, &go, 1) < 0 || read_n(c->ssl, c->buf, nbytes) < 0 ||
+            write_n(c->ssl, payload, nbytes) < 0 || read_n(c->ssl, &go, 1) < 0)
+            die("client transfer");
+        pthread_barrier_wait(&bar);
+        if (c->idx == 0)
+            t_end[r] = now_s();
+    }
+    SSL_free(c->ssl);
+    SSL_CTX_free(ctx);
+    close(fd);
+    return NULL;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--certs"))
+            certs = argv[i + 1];
+        else if (!strcmp(argv[i], "--clients"))
+            nclients = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--bytes"))
+            nbytes = strtoull(argv[i + 1], NULL, 10);
+        else if (!strcmp(argv[i], "--rounds"))
+            rounds = atoi(argv[i + 1]);
+    }
+    if (!certs || nclients < 1 || rounds < 2 || rounds > MAX_ROUNDS) {
+        fprintf(stderr, "usage: bench-tlsfloor --certs DIR --clients N --bytes B [--rounds R]\n");
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    payload = malloc(nbytes ? nbytes : 1);
+    if (!payload)
+        die("out of memory");
+    for (size_t i = 0; i < nbytes; i++)
+        payload[i] = (uint8_t)(i * 2654435761u >> 24);
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t al = sizeof a;
+    if (lfd < 0 || bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 1024) < 0 ||
+        getsockname(lfd, (struct sockaddr *)&a, &al) < 0)
+        die("listen");
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork");
+    if (pid == 0)
+        run_server(lfd);
+    close(lfd);
+    pthread_barrier_init(&bar, NULL, (unsigned)nclients);
+    pthread_t *th = calloc((size_t)nclients, sizeof *th);
+    struct client *cl = calloc((size_t)nclients, sizeof *cl);
+    for (int i = 0; i < nclients; i++) {
+        cl[i].idx = i;
+        cl[i].port = ntohs(a.sin_port);
+        cl[i].buf = malloc(nbytes ? nbytes : 1);
+        if (!cl[i].buf || pthread_create(&th[i], NULL, client, &cl[i]) != 0)
+            die("client thread");
+    }
+    for (int i = 0; i < nclients; i++)
+        pthread_join(th[i], NULL);
+    int st = 0;
+    waitpid(pid, &st, 0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        die("server process failed");
+    double d[MAX_ROUNDS];
+    printf("{\"name\": \"tls_floor\", \"params\": {\"N\": %d, \"bytes\": %zu, \"rounds\": %d}, "
+           "\"rounds_s\": [", nclients, nbytes, rounds);
+    for (int r = 0; r < rounds; r++) {
+        d[r] = t_end[r] - t_start[r];
+        printf("%s%.4f", r ? ", " : "", d[r]);
+    }
+    qsort(d + 1, (size_t)rounds - 1, sizeof d[0], cmp_d);
+    int m = rounds - 1;
+    double med = m % 2 ? d[1 + m / 2] : (d[m / 2] + d[m / 2 + 1]) / 2;
+    printf("], \"value\": %.4f, \"unit\": \"s\"}\n", med);
+    for (int i = 0; i < nclients; i++)
+        free(cl[i].buf);
+    free(cl);
+    free(th);
+    free(payload);
+    return 0;
+}
