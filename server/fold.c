@@ -42,3 +42,11 @@ void fold_apply_into(float *acc, const float *x, size_t n, float scale)
         cblas_saxpy(k, 1.0f, x + i, 1, acc + i, 1);
     }
 }
+
+void fold_weights_to_delta(float *u, const float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i += FOLD_BLOCK) {
+        int k = (int)(n - i < FOLD_BLOCK ? n - i : FOLD_BLOCK);
+        cblas_saxpy(k, -1.0f, x + i, 1, u + i, 1);
+    }
+}

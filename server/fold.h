@@ -14,6 +14,9 @@ void fold_accumulate(float *acc, const float *delta, size_t n, float w);
 void fold_set(float *acc, const float *delta, size_t n, float w);
 /* x += scale * acc  (scale = server_lr / divisor) */
 void fold_apply(float *x, const float *acc, size_t n, float scale);
+/* u -= x: an update sent as trained weights made a difference (in float32, as
+ * the client would have computed it). */
+void fold_weights_to_delta(float *u, const float *x, size_t n);
 /* acc = x + scale * acc: the next model computed in the accumulator's place. */
 void fold_apply_into(float *acc, const float *x, size_t n, float scale);
 

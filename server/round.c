@@ -42,6 +42,7 @@ struct fold_job {
     float weight;
     float *acc;
     int first;                  /* the round's first fold: sets acc instead of adding */
+    int weights;                /* delta holds trained weights: subtract global first */
     double fold_s;              /* time the fold took (pool thread) */
     /* Variance correction: Var(x + delta) per eligible tensor, computed while the
      * update is hot, so the round needs no second pass over the updates. */
@@ -192,6 +193,7 @@ static void send_offer(struct server *s, struct conn *c, int eval)
     o.tensors = ptrs;
     o.total_bytes = s->blob->total_bytes;
     o.chunk_count = (uint32_t)s->blob->nchunks;
+    o.accepts_weights = 1;
     o.model_xxh3.data = s->blob->xxh3;
     o.model_xxh3.len = sizeof s->blob->xxh3;
     if (!c->xxh3_ok) {
@@ -648,6 +650,11 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
     u->active = 1;
     u->started = server_now(s);
     u->round = b->round;
+    u->weights = b->weights;
+    if (b->weights)
+        coh_info("round", "%s: the update for round %llu comes as trained weights; the global "
+                 "model is subtracted here", conn_label(c, label, sizeof label),
+                 (unsigned long long)b->round);
     u->num_examples = b->num_examples;
     u->total = b->total_bytes;
     r->uploads_active++;
@@ -739,6 +746,8 @@ static void fold_work(uv_work_t *req)
 {
     struct fold_job *j = req->data;
     double t0 = metrics_now();
+    if (j->weights)
+        fold_weights_to_delta(j->delta, j->global->data, j->n);
     if (j->first)
         fold_set(j->acc, j->delta, j->n, j->weight);
     else
@@ -931,8 +940,9 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     j->n = s->global.numel;
     j->weight = (float)w;
     j->acc = s->cur.acc;
+    j->weights = u->weights;
+    j->global = &s->global; /* read-only until the round's finalize */
     if (s->cfg.variance_correction) {
-        j->global = &s->global;
         j->vc_1d = s->cfg.vc_include_1d;
         j->vars = calloc(s->global.ntensors ? s->global.ntensors : 1, sizeof(double));
         if (!j->vars) {
