@@ -213,6 +213,7 @@ COHORT_API int cohort_opts_new(cohort_opts **out)
     o->connect_ms = DEFAULT_CONNECT_MS;
     o->io_timeout_ms = DEFAULT_IO_TIMEOUT_MS;
     o->log_level = COHORT_LOG_INFO;
+    o->prefill = 1;
     *out = o;
     return 0;
 }
@@ -340,12 +341,27 @@ COHORT_API int cohort_opts_set_reconnect(cohort_opts *o, uint32_t initial_ms, ui
     return 0;
 }
 
+static int set_flag(cohort_opts *o, int *field, int v)
+{
+    if (!o || (v != 0 && v != 1))
+        return COHORT_EINVAL;
+    *field = v;
+    return 0;
+}
+
 COHORT_API int cohort_opts_set_once(cohort_opts *o, int once)
 {
-    if (!o || (once != 0 && once != 1))
-        return COHORT_EINVAL;
-    o->once = once;
-    return 0;
+    return set_flag(o, o ? &o->once : NULL, once);
+}
+
+COHORT_API int cohort_opts_set_prefill(cohort_opts *o, int prefill)
+{
+    return set_flag(o, o ? &o->prefill : NULL, prefill);
+}
+
+COHORT_API int cohort_opts_set_single_buffer(cohort_opts *o, int single)
+{
+    return set_flag(o, o ? &o->single_buffer : NULL, single);
 }
 
 COHORT_API int cohort_opts_set_role(cohort_opts *o, int role)
@@ -668,6 +684,7 @@ static void layout_fini(struct coh_client_layout *l)
 }
 
 static void conn_close(struct cohort_client *c);
+static void free_model_buffers(struct cohort_client *c);
 
 COHORT_API void cohort_client_free(cohort_client *c)
 {
@@ -677,8 +694,7 @@ COHORT_API void cohort_client_free(cohort_client *c)
     coh_frame_rx_fini(&c->rx);
     free(c->tx);
     layout_fini(&c->lay);
-    free(c->global);
-    free(c->params);
+    free_model_buffers(c);
     SSL_CTX_free(c->ctx);
     BIO_meth_free(c->bio_meth);
     EVP_MD_CTX_free(c->md);
@@ -1395,6 +1411,16 @@ static int check_offer(struct cohort_client *c, const Cohort__RoundOffer *of, si
     return 0;
 }
 
+/* global and params are one buffer in single-buffer mode. */
+static void free_model_buffers(struct cohort_client *c)
+{
+    if (c->global != c->params)
+        free(c->global);
+    free(c->params);
+    c->global = c->params = NULL;
+    c->buf_numel = 0;
+}
+
 /* Takes the offer's table as the current layout (unless unchanged) and sizes
  * the model buffers. */
 static int adopt_layout(struct cohort_client *c, const Cohort__RoundOffer *of, size_t numel)
@@ -1439,18 +1465,16 @@ static int adopt_layout(struct cohort_client *c, const Cohort__RoundOffer *of, s
     }
     if (c->buf_numel != numel) {
         /* Free first so the peak stays at two models, not four. */
-        free(c->global);
-        free(c->params);
-        c->params = NULL;
-        c->buf_numel = 0;
-        c->global = malloc(numel * sizeof(float));
-        c->params = c->global ? malloc(numel * sizeof(float)) : NULL;
-        if (!c->params) {
-            free(c->global);
-            c->global = NULL;
+        free_model_buffers(c);
+        int copies = c->o.single_buffer ? 1 : 2;
+        c->params = malloc(numel * sizeof(float));
+        c->global = c->params && copies == 2 ? malloc(numel * sizeof(float)) : c->params;
+        if (!c->global) {
+            free_model_buffers(c);
             layout_fini(&c->lay);
-            return set_error(c, COHORT_ENOMEM, "out of memory for a model of %zu bytes (two "
-                             "copies are needed)", numel * sizeof(float));
+            return set_error(c, COHORT_ENOMEM, "out of memory for a model of %zu bytes (%d "
+                             "%s needed)", numel * sizeof(float), copies,
+                             copies == 1 ? "copy is" : "copies are");
         }
         c->buf_numel = numel;
     }
@@ -1473,6 +1497,7 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
     uint8_t *dst = (uint8_t *)c->global;
     int use_xxh = of->model_xxh3.len == COH_XXH_LEN;
     c->srv_xxh3 = use_xxh;
+    c->srv_weights = of->accepts_weights;
     if (use_xxh)
         coh_xxh_reset(c->xxh);
     else
@@ -1578,9 +1603,9 @@ static int send_decline(struct cohort_client *c, uint64_t round, const char *rea
     return rc;
 }
 
-/* Sends c->params (already the update) as UpdateBegin, chunks, UpdateEnd. */
+/* Sends update (numel floats) as UpdateBegin, chunks, UpdateEnd. */
 static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_examples,
-                       double train_loss)
+                       double train_loss, const float *update, int weights)
 {
     size_t total = c->lay.numel * sizeof(float);
     Cohort__TensorInfo *ti = calloc(c->lay.ntensors, sizeof *ti);
@@ -1603,6 +1628,7 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
     ub.n_tensors = c->lay.ntensors;
     ub.tensors = tp;
     ub.total_bytes = total;
+    ub.weights = weights;
     Cohort__Envelope e = COHORT__ENVELOPE__INIT;
     e.body_case = COHORT__ENVELOPE__BODY_UPDATE_BEGIN;
     e.update_begin = &ub;
@@ -1630,7 +1656,7 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
         coh_xxh_reset(c->xxh);
     else
         EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
-    const uint8_t *src = (const uint8_t *)c->params;
+    const uint8_t *src = (const uint8_t *)update;
     uint32_t index = 0;
     for (size_t off = 0; off < total; off += chunk, index++) {
         size_t n = total - off < chunk ? total - off : chunk, pos;
@@ -1694,7 +1720,8 @@ static int receive_and_call(struct cohort_client *c, const Cohort__RoundOffer *o
         return rc;
     /* The callback may take long: do not hold the last chunk's receive buffer meanwhile. */
     coh_frame_rx_trim(&c->rx, RX_KEEP);
-    memcpy(c->params, c->global, numel * sizeof(float));
+    if (c->o.prefill && c->params != c->global)
+        memcpy(c->params, c->global, numel * sizeof(float));
     memset(r, 0, sizeof *r);
     r->round = of->round;
     r->ntensors = c->lay.ntensors;
@@ -1811,17 +1838,24 @@ static int do_round(struct cohort_client *c, const Cohort__RoundOffer *of, cohor
                  r.decline_reason[0] ? r.decline_reason : "declined by the client");
         rc = send_decline(c, round, reason);
     } else {
-        /* The update is trained minus received; computed in place in params
-         * (reading the callback's buffer if it pointed params elsewhere). */
-        float *up = c->params;
-        const float *src = r.params;
-        if (!r.out_is_update) {
-            for (size_t i = 0; i < numel; i++)
-                up[i] = src[i] - c->global[i];
-        } else if (src != up) {
-            memcpy(up, src, numel * sizeof(float));
+        /* The update is trained minus received, computed into params; an update
+         * the callback gave is sent from wherever it put it. With one buffer the
+         * received model is gone, so the trained weights go as they are. */
+        const float *up = r.params;
+        int weights = !r.out_is_update && c->params == c->global;
+        if (weights && !c->srv_weights) {
+            log_c(c, COHORT_LOG_ERR, "round %" PRIu64 ": single-buffer mode sends trained "
+                  "weights and %s does not take them (an older cohortd?); declining", round,
+                  c->peer);
+            return send_decline(c, round, "the server does not take trained weights "
+                                "(single-buffer client)");
         }
-        rc = send_update(c, round, r.num_examples, r.train_loss);
+        if (!r.out_is_update && !weights) {
+            for (size_t i = 0; i < numel; i++)
+                c->params[i] = r.params[i] - c->global[i];
+            up = c->params;
+        }
+        rc = send_update(c, round, r.num_examples, r.train_loss, up, weights);
         if (rc == 0) {
             c->awaiting_ack = 1;
             c->ack_round = round;

@@ -39,6 +39,8 @@ struct cohort_opts {
     uint64_t num_examples;
     uint32_t backoff_initial_ms, backoff_max_ms, max_attempts;
     int once;
+    int prefill;                /* params start as a copy of global (default 1) */
+    int single_buffer;          /* one model buffer: global and params alias */
     int role;                   /* enum cohort_role */
     uint32_t max_frame_bytes;
     uint64_t max_model_bytes;
@@ -84,6 +86,7 @@ struct cohort_client {
     int64_t last_rx_ms, last_tx_ms;     /* monotonic */
     uint64_t hb_seq;
     uint32_t srv_max_frame;             /* from Welcome; 0 = unknown */
+    int srv_weights;                    /* the last offer carried accepts_weights */
     int srv_xxh3;                       /* the last offer carried model_xxh3: the server
                                            checks UpdateEnd.xxh3 (else send sha256) */
     uint32_t srv_hb_ms;

@@ -49,8 +49,11 @@ struct cohort_round {
     size_t numel;               /* total float32 values in the model */
     const float *global;        /* the global model (read-only) */
 
-    /* In: a copy of global. Out: the trained model (default), or the update
-     * itself when the callback sets out_is_update = 1. */
+    /* In: a copy of global (unless cohort_opts_set_prefill(o, 0)). Out: the
+     * trained model (default), or the update itself when the callback sets
+     * out_is_update = 1. The callback may point params at a buffer of its own
+     * (numel floats); it is read before the callback is called again, not kept,
+     * and an update there is sent from it without a copy. */
     float *params;
     int out_is_update;
     uint64_t num_examples;      /* out: examples trained on (the FedAvg weight) */
@@ -130,6 +133,19 @@ COHORT_API int cohort_opts_set_reconnect(cohort_opts *o, uint32_t initial_ms, ui
                                          uint32_t max_attempts);
 /* 1: return after taking part in one round (update acknowledged or decline sent). */
 COHORT_API int cohort_opts_set_once(cohort_opts *o, int once);
+/* 1 (default): params start each round as a copy of global, for training in
+ * place. 0: params are not filled (their contents are unspecified), for
+ * callbacks that write a whole update into params or point params at their own
+ * buffer: that saves copying the model once per round. */
+COHORT_API int cohort_opts_set_prefill(cohort_opts *o, int prefill);
+/* 1: keep one copy of the model instead of two. The model is received into
+ * params (r->global then points at the same buffer: read it before training
+ * changes it), the callback trains in place, and the trained weights are sent
+ * as they are; the server subtracts the global model (cohortd announces that
+ * it can; with a server that does not, a round that would send trained weights
+ * is declined with an error). Updates the callback gives (out_is_update) are
+ * sent as usual. Halves the client's model memory. Default 0. */
+COHORT_API int cohort_opts_set_single_buffer(cohort_opts *o, int single);
 /* Largest frame accepted from the server (default 8 MiB) and largest model
  * (default 1 GiB); both are checked before allocating. */
 COHORT_API int cohort_opts_set_limits(cohort_opts *o, uint32_t max_frame_bytes,

@@ -36,6 +36,7 @@ struct client_ctx {
     struct coh_rng rng;
     /* update */
     struct coh_model update;
+    int single_buffer;          /* --single-buffer: one model copy, weights sent */
     uint64_t examples;
     /* exec */
     const char *cmd;
@@ -155,8 +156,16 @@ static int train_update(struct client_ctx *x, struct cohort_round *r)
         r->decline = 1;
         return 0;
     }
-    memcpy(r->params, x->update.data, r->numel * sizeof(float));
-    r->out_is_update = 1;
+    if (x->single_buffer) {
+        /* params hold the received model: add the update in place and send the
+         * result as trained weights (the server takes the difference). */
+        for (size_t i = 0; i < r->numel; i++)
+            r->params[i] += x->update.data[i];
+        r->out_is_update = 0;
+    } else {
+        r->params = x->update.data; /* sent from here: no copy (prefill is off) */
+        r->out_is_update = 1;
+    }
     r->num_examples = x->examples;
     return 0;
 }
@@ -304,7 +313,9 @@ static void usage(FILE *f)
             "  --server-name NAME        name to verify in the server certificate\n"
             "  --max-attempts N          give up after N failed connects in a row (default 0: never)\n"
             "  --retry-ms MIN:MAX        reconnect back-off (default 200:10000)\n"
-            "  --verbose                 log connection events\n",
+            "  --verbose                 log connection events\n"
+            "  --single-buffer           keep one copy of the model: train in place and send the\n"
+            "                            trained weights (the server subtracts the global model)\n",
             FMNIST_DEFAULT_DIR);
 }
 
@@ -328,7 +339,8 @@ int client_main(int argc, char **argv)
         {"seed", 1, 0, 'r'}, {"local-steps", 1, 0, 'l'}, {"batch", 1, 0, 'b'},
         {"lr", 1, 0, 'L'}, {"data-dir", 1, 0, 'd'}, {"once", 0, 0, 'o'},
         {"server-name", 1, 0, 'N'}, {"max-attempts", 1, 0, 'm'}, {"retry-ms", 1, 0, 'R'},
-        {"verbose", 0, 0, 'v'}, {"evaluate", 0, 0, 'E'}, {"participation", 1, 0, 'P'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+        {"verbose", 0, 0, 'v'}, {"evaluate", 0, 0, 'E'}, {"participation", 1, 0, 'P'}, {"help", 0, 0, 'h'},
+        {"single-buffer", 0, 0, '1'}, {0, 0, 0, 0}};
     const char *server = NULL, *ca = NULL, *cert = NULL, *key = NULL, *trainer = NULL;
     const char *update = NULL, *split = "iid", *data_dir = FMNIST_DEFAULT_DIR, *sname = NULL;
     const char *pattern = "always";
@@ -397,6 +409,7 @@ int client_main(int argc, char **argv)
             }
             break;
         case 'v': x.verbose = 1; break;
+        case '1': x.single_buffer = 1; break;
         case 'E': x.kind = T_EVAL; break;
         case 'P': pattern = optarg; break;
         case 'h': usage(stdout); return 0;
@@ -476,6 +489,8 @@ int client_main(int argc, char **argv)
         (sname && (rc = cohort_opts_set_server_name(op, sname)) < 0) ||
         (rc = cohort_opts_set_num_examples(op, examples)) < 0 ||
         (rc = cohort_opts_set_once(op, once)) < 0 ||
+        (rc = cohort_opts_set_prefill(op, x.kind != T_UPDATE)) < 0 ||
+        (rc = cohort_opts_set_single_buffer(op, x.single_buffer)) < 0 ||
         (rc = cohort_opts_set_role(op, x.kind == T_EVAL ? COHORT_ROLE_EVALUATOR
                                                         : COHORT_ROLE_TRAINER)) < 0 ||
         (rc = cohort_opts_set_reconnect(op, rmin, rmax, (uint32_t)max_attempts)) < 0 ||

@@ -20,6 +20,10 @@
  * (trained minus global) in the order of the model's tensors; its size must
  * match the model exactly or the round is declined.
  *
+ * Training keeps one copy of the model (cohort_opts_set_single_buffer): the
+ * model is trained where it was received and the trained weights are sent; the
+ * server takes the difference. A fixed update is sent from its own buffer.
+ *
  * At exit it prints its counters and its peak resident set size (VmHWM; under
  * qemu-user that figure is the emulator's, guest memory included).
  */
@@ -391,7 +395,7 @@ static int train_cb(struct cohort_round *r, void *user)
         decline(r, why);
         return 0;
     }
-    memcpy(r->params, a->update, r->numel * sizeof(float));
+    r->params = a->update; /* sent from here, no copy */
     r->out_is_update = 1;
     r->num_examples = a->examples;
     printf("round %" PRIu64 ": sending the fixed update (%zu values, %" PRIu64 " examples)\n",
@@ -558,6 +562,10 @@ int main(int argc, char **argv)
         (sname && (rc = cohort_opts_set_server_name(op, sname)) < 0) ||
         (rc = cohort_opts_set_num_examples(op, a.examples)) < 0 ||
         (rc = cohort_opts_set_once(op, once)) < 0 ||
+        /* One model copy: training works in place and sends the trained weights;
+         * a fixed update needs no copy of the global model at all. */
+        (rc = cohort_opts_set_single_buffer(op, a.update == NULL)) < 0 ||
+        (rc = cohort_opts_set_prefill(op, a.update == NULL)) < 0 ||
         (rc = cohort_opts_set_reconnect(op, 100, 5000, (uint32_t)max_attempts)) < 0 ||
         (chunk && (rc = cohort_opts_set_chunk_bytes(op, (uint32_t)chunk)) < 0) ||
         (rc = cohort_opts_set_log(op, log_cb, NULL,

@@ -1,5 +1,6 @@
 """End to end: cohortd + 3 `cohort client --update` processes with fixed updates
-and example counts 100/300/600, 2 rounds of FedAvg. Every checkpoint must equal
+and example counts 100/300/600, 2 rounds of FedAvg (client-3 with --single-buffer:
+it sends trained weights and cohortd subtracts the global model). Every checkpoint must equal
 x + sum(n_i * d_i) / sum(n_i) (relative error < 1e-5) and the participation table
 must hold 6 accepted rows with the applied weights."""
 import os
@@ -20,9 +21,14 @@ def main():
         deltas = [flat(st_read(p)) for p in ups]
         srv = env.start_server(init, ["--rounds", "2", "--min-clients", "3",
                                       "--round-timeout", "30", "--chunk-bytes", "1024"])
-        clients = [env.start_client(i + 1, ["--update", ups[i],
-                                            "--examples", str(EXAMPLES[i])]) for i in range(3)]
+        # client-3 keeps one copy of the model: it adds its update to the received model
+        # in place and sends the trained weights; cohortd subtracts the global model.
+        clients = [env.start_client(i + 1, ["--update", ups[i], "--examples", str(EXAMPLES[i])]
+                                    + (["--single-buffer"] if i == 2 else [])) for i in range(3)]
         t.ok(wait(srv, 60, "cohortd") == 0, "cohortd exits 0 after round 2")
+        wl = [l for l in env.log().splitlines() if "comes as trained weights" in l]
+        t.ok(len(wl) == 2 and all("client-3" in l for l in wl),
+             "client-3's two updates arrived as trained weights (%s)" % wl)
         for i, c in enumerate(clients):
             t.ok(wait(c, 30, "client") == 0, "client %d exits 0 when the run ends" % (i + 1))
 
