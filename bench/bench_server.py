@@ -19,9 +19,10 @@ BENCH is one of:
           client process's peak RSS during rounds at P = 1e6.
 
 Every measurement is printed as one JSON line (name, params, value, unit, ref, ratio)
-and appended to BUILD_DIR/bench/results.jsonl. cohortd's peak RSS is the child's
-ru_maxrss from wait4(). Python standard library only (Debian's python3); the measuring
-loops are the C programs.
+and appended to BUILD_DIR/bench/results.jsonl. A process's peak RSS is its VmHWM read
+from /proc until it exits (HwmWatch; not wait4's ru_maxrss, which a child started from
+Python inherits from the interpreter). Python standard library only (Debian's python3);
+the measuring loops are the C programs.
 """
 import argparse
 import json
@@ -146,6 +147,7 @@ class Bench:
         args += os.environ.get("COHORT_BENCH_SERVER_ARGS", "").split()
         log = open(os.path.join(self.dir, "cohortd-%s.log" % tag), "w")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        proc.hwm = HwmWatch(proc.pid)
         self.procs.append(proc)
         wait_port(port, proc, timeout=30)
         proc.perf = None
@@ -159,8 +161,9 @@ class Bench:
         return proc, port, state
 
     def finish_server(self, proc, timeout=600, term=False):
-        """Waits for cohortd (SIGTERM first when term); returns (exit code, peak RSS bytes).
-        proc.cpu_s gets its user + system CPU seconds (all threads, whole life)."""
+        """Waits for cohortd (SIGTERM first when term); returns (exit code, peak RSS bytes:
+        VmHWM, see HwmWatch). proc.cpu_s gets its user + system CPU seconds (all threads,
+        whole life)."""
         if term and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         end = time.time() + timeout
@@ -178,7 +181,7 @@ class Bench:
         if proc.perf is not None:
             proc.perf.send_signal(signal.SIGINT)
             proc.perf.wait()
-        return proc.returncode, ru.ru_maxrss * 1024
+        return proc.returncode, proc.hwm.stop()
 
     def cleanup(self, keep=False):
         kill_all(self.procs)
@@ -228,6 +231,44 @@ def tcp_mem_pages():
     return None
 
 
+class HwmWatch:
+    """A child's peak RSS: the last VmHWM read from /proc before it exits (read every
+    10 ms; VmHWM only grows, and a process does not set a new peak while exiting).
+
+    Not ru_maxrss from wait4: at exec the kernel copies the high-water mark of the
+    memory the child had before exec into its ru_maxrss, and a child started from
+    Python had the interpreter's (with vfork as much as with fork). So ru_maxrss is
+    max(this script's RSS, the child's): 16-20 MiB for any small child here."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.hwm = 0
+        self.done = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def read(self):
+        try:
+            with open("/proc/%d/status" % self.pid) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.hwm = max(self.hwm, int(line.split()[1]) * 1024)
+                        return True
+        except (OSError, ValueError):
+            pass
+        return False
+
+    def run(self):
+        while self.read() and not self.done.wait(0.01):
+            pass
+
+    def stop(self):
+        """The peak in bytes (call after the child exited, before reaping it is fine)."""
+        self.done.set()
+        self.t.join()
+        return self.hwm
+
+
 def rss_parts(pid):
     """(RssAnon, RssFile) of a process in bytes, None when it is gone."""
     try:
@@ -243,7 +284,7 @@ class Monitor:
     """Peak of the host's TCP buffer memory while a load runs (sampled every 0.25 s) and,
     given a pid, the peak of that process's anonymous memory (sampled every 5 ms).
 
-    ru_maxrss counts the pages of the shared libraries a process has touched (RssFile:
+    Peak RSS counts the pages of the shared libraries a process has touched (RssFile:
     libcrypto, OpenBLAS, libc, SQLite: about 10 MiB for cohortd). RssAnon is what the
     process itself allocated: heap, model buffers, stacks. Model-sized buffers live for
     milliseconds at least, so 5 ms sampling sees them."""
@@ -512,7 +553,7 @@ def memory_point(b, n, p, mu, base):
                file_backed_at_peak_mib=round(summ.get("file_at_anon_peak", 0) / MiB, 1),
                samples=summ.get("rss_samples"), completed=ok,
                note="RssAnon sampled every 5 ms: the server's own allocations, without "
-                    "the shared-library pages ru_maxrss also counts")
+                    "the shared-library pages peak RSS also counts")
     ratio_line("memory_server_peak_rss", params,
                round(rss / MiB, 1), "MiB", "target_3xmodel_plus_64KiBxN",
                round(target / MiB, 1),
@@ -620,13 +661,16 @@ def bench_client(b, quick, src):
     emit({"name": "client_baseline_rss", "params": {}, "value": round(base["maxrss_kib"] / 1024, 1),
           "unit": "MiB", "note": "process with libcohort + OpenSSL initialized and one client "
                                   "made (certificates loaded), not connected"})
-    for kind in ("inplace", "cli-update"):
+    for kind in ("single", "inplace", "cli-update"):
         proc, port, state = b.start_server(p, "client-%s" % kind, [
             "--min-clients", "1", "--rounds", "3", "--durability", "relaxed"])
-        if kind == "inplace":
+        if kind in ("single", "inplace"):
             args = [b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca", ca, "--certs",
-                    b.certs, "--clients", "1", "--mode", "inplace"]
-            what = "bench-lcclients --mode inplace: the callback trains in params"
+                    b.certs, "--clients", "1", "--mode", kind]
+            what = ("bench-lcclients --mode single: trains in params, one model buffer "
+                    "(cohort_opts_set_single_buffer), sends trained weights"
+                    if kind == "single" else
+                    "bench-lcclients --mode inplace: trains in params, two model buffers")
         else:
             upd = os.path.join(b.dir, "update.safetensors")
             shutil.copy(b.model(p), upd)
@@ -636,25 +680,23 @@ def bench_client(b, quick, src):
                     "--update", upd, "--examples", "100"]
             what = "cohort client --update FILE (the CLI holds the update file as well)"
         cp = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, status, ru = os.wait4(cp.pid, 0)
+        mon, hwm = Monitor(cp.pid), HwmWatch(cp.pid)
+        _, status, _ = os.wait4(cp.pid, 0)
+        mon.stop()
+        crss = hwm.stop()
         cp.stdout.close()
         cp.stderr.close()
         rc, _ = b.finish_server(proc)
-        crss = ru.ru_maxrss * 1024
         ratio_line("client_peak_rss", {"P": p, "client": kind, "rounds": 3},
                    round(crss / MiB, 1), "MiB", "target_3xmodel_plus_4MiB", round(target / MiB, 1),
                    target_ratio=1.0, met=crss <= target,
                    rss_over_model=round(crss / model, 2),
+                   anon_peak_mib=round(mon.anon_peak / MiB, 1),
+                   file_backed_at_anon_peak_mib=round(mon.file_at_anon_peak / MiB, 1),
                    ok=os.waitstatus_to_exitcode(status) == 0 and rc == 0, what=what)
 
 
 def main():
-    if os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3"):
-        # ru_maxrss of a child counts the pages it shared with this process before
-        # exec when Python forks instead of using vfork/posix_spawn (seen with a
-        # pyenv build: the client figure read 18.5 MiB instead of 16.0).
-        print("# note: not Debian's /usr/bin/python3 (meson runs that one); peak RSS of "
-              "small child processes may include this interpreter's", file=sys.stderr)
     global OUT, PERF_DIR, ONLY
     ap = argparse.ArgumentParser()
     ap.add_argument("bench", choices=["ingest", "round", "memory", "scale", "client"])

@@ -7,11 +7,13 @@
  *                   [--first I] [--examples E] [--mode update|inplace]
  *
  * mode update (default): like `cohort client --update FILE`: every round the callback
- *   copies one fixed random update (shared by all threads, made once) into params and
- *   sets out_is_update = 1.
+ *   points params at one fixed random update (shared by all threads, made once) and
+ *   sets out_is_update = 1; prefill is off, so no model is copied on the client side.
  * mode inplace: the callback "trains" in place (params[i] += small step) and the library
- *   computes trained minus global itself: the smallest footprint an application can have,
- *   used for the client RSS figure.
+ *   computes trained minus global itself (two model buffers).
+ * mode single: the same with cohort_opts_set_single_buffer(o, 1): one model buffer, the
+ *   trained weights are sent and the server takes the difference: the smallest footprint
+ *   an application can have, used for the client RSS figure.
  * mode baseline: makes one client (OpenSSL initialized, certificates loaded), prints
  *   the process's peak RSS and exits without connecting.
  * The clients run until the server's RunEnd. Then one JSON line per round (the
@@ -40,6 +42,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static float *shared_update;
 static size_t shared_numel;
 static int inplace;
+static int single;                 /* --mode single: inplace with one model buffer */
 static double t0;
 
 struct th {
@@ -98,7 +101,7 @@ static int train(struct cohort_round *r, void *user)
         bench_fill(shared_update, r->numel, 7);
     }
     pthread_mutex_unlock(&mu);
-    memcpy(r->params, shared_update, r->numel * 4);
+    r->params = shared_update; /* as `cohort client --update`: sent from here, no copy */
     r->out_is_update = 1;
     return 0;
 }
@@ -148,10 +151,11 @@ int main(int argc, char **argv)
     }
     if (!server || !ca || !certs || n < 1) {
         fprintf(stderr, "usage: bench-lcclients --server H:P --ca CA --certs DIR --clients N "
-                        "[--first I] [--examples E] [--mode update|inplace]\n");
+                        "[--first I] [--examples E] [--mode update|inplace|single]\n");
         return 2;
     }
-    inplace = strcmp(mode, "inplace") == 0;
+    single = strcmp(mode, "single") == 0;
+    inplace = single || strcmp(mode, "inplace") == 0;
     if (strcmp(mode, "baseline") == 0) {
         /* The process with libcohort and OpenSSL initialized and one client made
          * (CA and certificate loaded), but no connection: the floor under the
@@ -192,6 +196,8 @@ int main(int argc, char **argv)
         if (rc == 0) rc = cohort_opts_set_num_examples(o, examples);
         if (rc == 0) rc = cohort_opts_set_reconnect(o, 50, 500, 50);
         if (rc == 0) rc = cohort_opts_set_event_fn(o, on_event, NULL);
+        if (rc == 0 && !inplace) rc = cohort_opts_set_prefill(o, 0);
+        if (rc == 0 && inplace && single) rc = cohort_opts_set_single_buffer(o, 1);
         if (rc == 0) rc = cohort_client_new(&ths[i].c, o);
         cohort_opts_free(o);
         if (rc < 0) {
