@@ -321,7 +321,7 @@ class Monitor:
         self.peak_mib = round(self.peak * 4096 / MiB, 1)
 
 
-def loadgen_upload(b, n, p, rounds, tag, extra_server=(), timeout=300):
+def loadgen_upload(b, n, p, rounds, tag, extra_server=(), timeout=300, extra_gen=()):
     """cohortd + cohort-loadgen upload; returns (per-round dicts, summary, rss, rc, state)."""
     proc, port, state = b.start_server(p, tag, ["--min-clients", str(n), "--rounds", str(rounds),
                                                 "--max-connections", str(n + 100)]
@@ -333,7 +333,8 @@ def loadgen_upload(b, n, p, rounds, tag, extra_server=(), timeout=300):
     mon = Monitor(proc.pid)
     r = run([b.loadgen, "upload", "--server", "127.0.0.1:%d" % port, "--ca", ca, "--ca-key",
              cakey, "--clients", str(n), "--rounds", str(rounds), "--server-pid", str(proc.pid),
-             "--prefix", tag, "--timeout", str(timeout)] + sndbuf, timeout=timeout + 60,
+             "--prefix", tag, "--timeout", str(timeout)] + sndbuf + list(extra_gen),
+            timeout=timeout + 60,
             check=False)
     mon.stop()
     # A failed load generator leaves the round open: stop cohortd instead of waiting.
@@ -357,12 +358,15 @@ def loadgen_upload(b, n, p, rounds, tag, extra_server=(), timeout=300):
 def bench_ingest(b, quick):
     points = [(10, 10000000), (50, 1000000)] if not quick else [(4, 1000000)]
     rounds = 5 if not quick else 3
-    b.make_certs(1)
+    b.make_certs(max(n for n, _ in points))
     for n, p in points:
         if not wanted("ingest-%d-%d" % (n, p)):
             continue
+        # Uploads start once every client has its model: the window holds uploads only
+        # (the broadcast is the round benchmark's business).
         per, summ, rss, rc, state = loadgen_upload(
-            b, n, p, rounds, "ingest-%d-%d" % (n, p), ["--durability", "relaxed"])
+            b, n, p, rounds, "ingest-%d-%d" % (n, p), ["--durability", "relaxed"],
+            extra_gen=["--after-all-models", "1"])
         for x in per:
             # The raw timeline of every round (seconds since the load generator started).
             tl = {k: x[k] for k in ("t_offer", "t_models", "t_first_begin", "t_last_end",
@@ -384,6 +388,16 @@ def bench_ingest(b, quick):
         loop_cpu = sum(x["server_loop_cpu_upload_s"] for x in use)
         gen_cpu = sum(x["loadgen_cpu_upload_s"] for x in use)
         ref = json_lines(run([b.loadgen, "aesref", "--params", str(nbytes)]).stdout)[0]
+        # Same-run floor: the same uploads over TLS on loopback with no application.
+        fr = run([b.tlsfloor, "--certs", b.certs, "--clients", str(n), "--bytes", str(4 * p),
+                  "--rounds", str(rounds), "--upload-only"], timeout=600, check=False)
+        fl = json_lines(fr.stdout)
+        floor_gbps = n * 4 * p / fl[0]["value"] / 1e9 if fr.returncode == 0 and fl else None
+        emit({"name": "ingest_tls_floor", "params": {"N": n, "P": p, "rounds": "2..%d" % rounds},
+              "value": round(floor_gbps, 4) if floor_gbps else None, "unit": "GB/s",
+              "note": "bench-tlsfloor --upload-only: N clients send 4P bytes each over TLS 1.3 "
+                      "(AES-128-GCM) on loopback to a server with a thread per connection; "
+                      "no cohort code"})
         g_up = nbytes / t_up / 1e9
         g_round = nbytes / t_round / 1e9
         params = {"N": n, "P": p, "rounds": "2..%d" % rounds, "durability": "relaxed",
@@ -393,7 +407,12 @@ def bench_ingest(b, quick):
                    met=g_up / ref["aes128gcm_gbps"] >= 0.5,
                    ratio_aes256=round(g_up / ref["aes256gcm_gbps"], 4),
                    ref_aes256gcm=ref["aes256gcm_gbps"], cipher=summ.get("cipher"),
-                   window="first UpdateBegin sent .. last UpdateAck received")
+                   tls_floor_gbps=round(floor_gbps, 4) if floor_gbps else None,
+                   of_tls_floor=round(g_up / floor_gbps, 3) if floor_gbps else None,
+                   floor_over_aes=round(floor_gbps / ref["aes128gcm_gbps"], 3) if floor_gbps
+                   else None,
+                   window="first UpdateBegin sent .. last UpdateAck received (uploads start "
+                          "once every client has its model)")
         ratio_line("ingest_round", params, round(g_round, 4), "GB/s", "aes128gcm_decrypt_1core",
                    ref["aes128gcm_gbps"], target_ratio=0.5,
                    met=g_round / ref["aes128gcm_gbps"] >= 0.5,

@@ -9,9 +9,13 @@
  *   cohort-loadgen upload --server HOST:PORT --ca CA.pem --ca-key CA.key --clients N
  *                  --rounds R [--chunk-bytes B] [--examples E] [--server-pid PID]
  *                  [--prefix NAME] [--parallel K] [--timeout S] [--sndbuf BYTES]
+ *                  [--after-all-models 0|1]
  *       N clients answer every RoundOffer with the same fixed random update (no
  *       training) until the server's RunEnd, then print one JSON line per round with
  *       the round's timeline as the clients saw it and the server's CPU time.
+ *       --after-all-models 1: no client starts its upload before every client has
+ *       its model, so the upload window holds uploads only (the ingest benchmark;
+ *       otherwise early uploads overlap the rest of the model broadcast).
  *       --sndbuf caps each socket's kernel send buffer (SO_SNDBUF): with a thousand
  *       uploads held back by cohortd's back-pressure, default buffers park megabytes per
  *       connection in the kernel and can push the host into TCP memory pressure.
@@ -73,6 +77,7 @@ struct opts {
     const char *server, *ca, *ca_key, *prefix, *out;
     uint32_t clients, rounds, parallel, chunk_bytes, hb_interval_ms, sndbuf;
     uint64_t examples, params;
+    int after_all_models;
     double warmup_s, duration_s, timeout_s;
     int server_pid;
 };
@@ -109,6 +114,7 @@ struct conn {
     /* round */
     uint64_t round;
     uint32_t chunks_expected, chunks_got;
+    int model_ready;     /* --after-all-models: has its model, waits for the others */
     /* heartbeats */
     uint64_t hb_seq;
     double hb_sent;
@@ -119,7 +125,7 @@ struct conn {
 /* Per-round timeline, over all connections (loadgen clock, seconds). */
 struct rstat {
     double first_offer, last_model, first_begin, last_end, last_ack, first_result;
-    uint32_t offers, acks, accepted, errors;
+    uint32_t offers, acks, accepted, errors, models;
     uint64_t bytes;
     /* server CPU (process, loop thread) at first_offer, first_begin, last_ack */
     double cpu_offer[2], cpu_begin[2], cpu_ack[2];
@@ -437,6 +443,32 @@ static void start_upload(struct conn *c, double now)
     enqueue(c, u->end, u->end_len, NULL, 1);
 }
 
+static void flush_tx(struct conn *c, double now);
+
+/* c has the whole model: it uploads now, or once every client has its model. */
+static void model_complete(struct conn *c, double now)
+{
+    if (!O.after_all_models) {
+        start_upload(c, now);
+        return;
+    }
+    c->model_ready = 1;
+    uint64_t rd = c->round;
+    if (rd > MAX_ROUNDS || ++rs[rd].models < O.clients - nfailed)
+        return;
+    for (uint32_t i = 0; i < O.clients; i++) {
+        struct conn *o = &conns[i];
+        if (o->model_ready && o->round == rd) {
+            o->model_ready = 0;
+            start_upload(o, now);
+            /* Edge-triggered epoll: a writable socket gets no new event, so the
+             * others' uploads are written here (c's by its own service pass). */
+            if (o != c)
+                flush_tx(o, now);
+        }
+    }
+}
+
 static void on_frame(struct conn *c, const uint8_t *f, size_t len, double now)
 {
     Cohort__Envelope *e;
@@ -480,7 +512,7 @@ static void on_frame(struct conn *c, const uint8_t *f, size_t len, double now)
             cur_uf = ufr_build(of);
         }
         if (c->chunks_expected == 0)
-            start_upload(c, now);
+            model_complete(c, now);
         break;
     }
     case COHORT__ENVELOPE__BODY_UPDATE_ACK: {
@@ -594,7 +626,7 @@ static void on_bytes(struct conn *c, const uint8_t *p, size_t n, double now)
             c->hdr_have = 0;
             if (c->skip) {
                 if (c->chunks_expected && ++c->chunks_got == c->chunks_expected)
-                    start_upload(c, now);
+                    model_complete(c, now);
             } else {
                 uint8_t *b = c->body;
                 c->body = NULL;
@@ -1003,7 +1035,7 @@ static void usage(void)
             "       cohort-loadgen upload --server H:P --ca CA --ca-key KEY --clients N "
             "[--rounds R]\n"
             "              [--chunk-bytes B] [--examples E] [--server-pid PID] [--prefix NAME]\n"
-            "              [--parallel K] [--timeout S] [--sndbuf BYTES]\n"
+            "              [--parallel K] [--timeout S] [--sndbuf BYTES] [--after-all-models 0|1]\n"
             "       cohort-loadgen idle --server H:P --ca CA --ca-key KEY --clients N\n"
             "              [--hb-interval-ms MS] [--warmup S] [--duration S] [--server-pid PID]\n");
     exit(2);
@@ -1041,6 +1073,7 @@ int main(int argc, char **argv)
         else if (strcmp(a, "--chunk-bytes") == 0) O.chunk_bytes = (uint32_t)atol(v);
         else if (strcmp(a, "--hb-interval-ms") == 0) O.hb_interval_ms = (uint32_t)atol(v);
         else if (strcmp(a, "--sndbuf") == 0) O.sndbuf = (uint32_t)atol(v);
+        else if (strcmp(a, "--after-all-models") == 0) O.after_all_models = atoi(v);
         else if (strcmp(a, "--examples") == 0) O.examples = strtoull(v, NULL, 10);
         else if (strcmp(a, "--params") == 0) O.params = (uint64_t)strtod(v, NULL);
         else if (strcmp(a, "--warmup") == 0) O.warmup_s = atof(v);

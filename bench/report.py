@@ -92,14 +92,15 @@ def main():
             rd = pick(rows, "ingest_round", N=p["N"], P=p["P"]) or {}
             cpu = pick(rows, "ingest_per_server_cpu", N=p["N"], P=p["P"]) or {}
             rss = pick(rows, "ingest_server_rss", N=p["N"], P=p["P"]) or {}
-            t.append([p["N"], p["P"], r["value"], rd.get("value"), r["ref"]["value"],
-                      r.get("ratio"), r.get("met"), rd.get("ratio"), cpu.get("value"),
-                      cpu.get("ratio"), cpu.get("loop_thread_busy"), rss.get("value"),
-                      r.get("cipher", "")])
+            t.append([p["N"], p["P"], r["value"], r["ref"]["value"], r.get("ratio"), r.get("met"),
+                      r.get("tls_floor_gbps"), r.get("floor_over_aes"), r.get("of_tls_floor"),
+                      rd.get("value"), cpu.get("value"), cpu.get("ratio"),
+                      cpu.get("loop_thread_busy"), rss.get("value")])
         out.append("### ingest (rounds 2..R, cohort-loadgen clients, --durability relaxed)\n")
-        out.append(table(["N", "P", "upload GB/s", "offer→last ack GB/s", "AES-128-GCM 1 core",
-                          "upload / AES", "≥ 0.5", "offer→ack / AES", "GB per server CPU-s",
-                          "per CPU-s / AES", "loop thread busy", "server RSS MB", "cipher"], t))
+        out.append(table(["N", "P", "upload GB/s", "AES-128-GCM 1 core", "upload / AES", "≥ 0.5",
+                          "TLS floor GB/s", "floor / AES", "upload / floor",
+                          "offer→last ack GB/s", "GB per server CPU-s", "per CPU-s / AES",
+                          "loop thread busy", "server RSS MB"], t))
         out.append("\n" + loads(rows, {"ingest_upload"}) + "\n")
 
     rt = [r for r in rows if r.get("name") == "round_time" and "value" in r]
@@ -112,14 +113,18 @@ def main():
             mref = m.get("ref", {}).get("value")
             t.append([p["N"], p["P"], p["durability"], r["value"],
                       r.get("server_duration_median_s"),
-                      ref, r.get("better_x"), r.get("met"), m.get("value"), mref,
+                      ref, r.get("better_x"), r.get("met"), r.get("tls_floor_s"),
+                      r.get("over_tls_floor"), round(ref / 10 / r["tls_floor_s"], 2)
+                      if ref and r.get("tls_floor_s") else None,
+                      m.get("value"), mref,
                       m.get("better_x"), m.get("met"), r.get("server_cpu_s"),
-                      r.get("clients_cpu_s"), r.get("run_wall_s")])
+                      r.get("clients_cpu_s")])
         out.append("### round (median of rounds 2..5; libcohort clients as threads of one "
                    "process)\n")
         out.append(table(["N", "P", "durability", "round s", "server-side s", "Flower s",
-                          "× better", "≥ 10×", "server peak RSS MB", "Flower MB", "× better",
-                          "≥ 10×", "cohortd CPU s (5 rounds)", "clients CPU s", "wall s"], t))
+                          "× better", "≥ 10×", "TLS floor s", "round / floor",
+                          "10× target / floor", "server peak RSS MB", "Flower MB", "× better",
+                          "≥ 10×", "cohortd CPU s (5 rounds)", "clients CPU s"], t))
         out.append("\n" + loads(rows, {"round_time"}) + "\n")
 
     mem = [r for r in rows if r.get("name") == "memory_server_peak_rss"]
@@ -182,10 +187,11 @@ def main():
         base = pick(rows, "client_baseline_rss") or {}
         crs = [r for r in rows if r.get("name") == "client_peak_rss"]
         out.append("")
-        out.append(table(["client process", "peak RSS MiB", "target MiB", "RSS / target", "met",
-                          "RSS / model"],
-                         [[r["params"]["client"], r["value"], r["ref"]["value"], r.get("ratio"),
-                           r.get("met"), r.get("rss_over_model")] for r in crs]))
+        out.append(table(["client process", "peak RSS MiB", "peak anon MiB", "target MiB",
+                          "RSS / target", "met", "RSS / model"],
+                         [[r["params"]["client"], r["value"], r.get("anon_peak_mib"),
+                           r["ref"]["value"], r.get("ratio"), r.get("met"),
+                           r.get("rss_over_model")] for r in crs]))
         out.append("\nBaseline (libcohort + OpenSSL initialized, not connected): %s MiB.\n"
                    % fmt(base.get("value"), 1))
     print("\n".join(out))

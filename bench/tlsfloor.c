@@ -7,8 +7,10 @@
  * store: what is left is encryption, decryption and loopback TCP, which any
  * server and client doing this round over TLS on this machine must pay.
  *
- *   bench-tlsfloor --certs DIR --clients N --bytes B [--rounds R]
+ *   bench-tlsfloor --certs DIR --clients N --bytes B [--rounds R] [--upload-only]
  *
+ * --upload-only: the clients send and the server only receives (the ingest
+ * benchmark's floor: its clients' uploads and nothing else).
  * DIR is what `cohort certs --clients N` writes. The server is a process of its
  * own with a thread per connection (so its encryption may use both cores:
  * a lower floor than cohortd's single loop thread); the clients are threads of
@@ -37,7 +39,7 @@
 #define PIECE 16384
 
 static const char *certs;
-static int nclients, rounds = 5;
+static int nclients, rounds = 5, upload_only;
 static size_t nbytes;
 static uint8_t *payload;        /* what both sides send, shared read-only */
 
@@ -109,7 +111,8 @@ static void *serve(void *arg)
         die("server handshake");
     for (int r = 0; r < rounds; r++) {
         uint8_t go;
-        if (read_n(sc->ssl, &go, 1) < 0 || write_n(sc->ssl, payload, nbytes) < 0 ||
+        if (read_n(sc->ssl, &go, 1) < 0 ||
+            (!upload_only && write_n(sc->ssl, payload, nbytes) < 0) ||
             read_n(sc->ssl, sink, nbytes) < 0 || write_n(sc->ssl, &go, 1) < 0)
             die("server transfer");
     }
@@ -176,7 +179,8 @@ static void *client(void *arg)
         if (c->idx == 0)
             t_start[r] = now_s();
         uint8_t go = 1;
-        if (write_n(c->ssl, &go, 1) < 0 || read_n(c->ssl, c->buf, nbytes) < 0 ||
+        if (write_n(c->ssl, &go, 1) < 0 ||
+            (!upload_only && read_n(c->ssl, c->buf, nbytes) < 0) ||
             write_n(c->ssl, payload, nbytes) < 0 || read_n(c->ssl, &go, 1) < 0)
             die("client transfer");
         pthread_barrier_wait(&bar);
@@ -197,7 +201,14 @@ static int cmp_d(const void *a, const void *b)
 
 int main(int argc, char **argv)
 {
-    for (int i = 1; i + 1 < argc; i += 2) {
+    for (int i = 1; i < argc; i += 2) {
+        if (!strcmp(argv[i], "--upload-only")) {
+            upload_only = 1;
+            i--;
+            continue;
+        }
+        if (i + 1 >= argc)
+            break;
         if (!strcmp(argv[i], "--certs"))
             certs = argv[i + 1];
         else if (!strcmp(argv[i], "--clients"))
@@ -247,8 +258,9 @@ int main(int argc, char **argv)
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
         die("server process failed");
     double d[MAX_ROUNDS];
-    printf("{\"name\": \"tls_floor\", \"params\": {\"N\": %d, \"bytes\": %zu, \"rounds\": %d}, "
-           "\"rounds_s\": [", nclients, nbytes, rounds);
+    printf("{\"name\": \"tls_floor\", \"params\": {\"N\": %d, \"bytes\": %zu, \"rounds\": %d, "
+           "\"upload_only\": %s}, \"rounds_s\": [", nclients, nbytes, rounds,
+           upload_only ? "true" : "false");
     for (int r = 0; r < rounds; r++) {
         d[r] = t_end[r] - t_start[r];
         printf("%s%.4f", r ? ", " : "", d[r]);
