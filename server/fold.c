@@ -3,6 +3,9 @@
 
 #include <cblas.h>
 #include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 /* cblas takes int lengths; models past 2^31 floats are folded in pieces. */
 void fold_accumulate(float *acc, const float *delta, size_t n, float w)
@@ -49,4 +52,40 @@ void fold_weights_to_delta(float *u, const float *x, size_t n)
         int k = (int)(n - i < FOLD_BLOCK ? n - i : FOLD_BLOCK);
         cblas_saxpy(k, -1.0f, x + i, 1, u + i, 1);
     }
+}
+
+/* Blocks of 64 are tested with integer compares on the exponent bits and an
+ * OR (vectorized at -O2, like coh_first_nonfinite); a block with a bad value is
+ * searched element by element. */
+#define OVF_BLOCK 64
+
+static int block_bad(const float *v)
+{
+    uint32_t bits[OVF_BLOCK], bad = 0;
+    memcpy(bits, v, sizeof bits);
+    for (int k = 0; k < OVF_BLOCK; k++)
+        bad |= (uint32_t)((bits[k] & 0x7f800000u) == 0x7f800000u);
+    return bad != 0;
+}
+
+size_t fold_first_overflow(const float *acc, const float *delta, size_t n, float w, int first)
+{
+    float v[OVF_BLOCK];
+    size_t i = 0;
+    for (; i + OVF_BLOCK <= n; i += OVF_BLOCK) {
+        if (first)
+            for (int k = 0; k < OVF_BLOCK; k++)
+                v[k] = w * delta[i + k];
+        else
+            for (int k = 0; k < OVF_BLOCK; k++)
+                v[k] = acc[i + k] + w * delta[i + k];
+        if (block_bad(v))
+            break;
+    }
+    for (; i < n; i++) {
+        float x = first ? w * delta[i] : acc[i] + w * delta[i];
+        if (!isfinite(x))
+            return i;
+    }
+    return n;
 }

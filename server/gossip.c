@@ -354,8 +354,14 @@ static void merge_work(uv_work_t *req)
     }
     j->rc = blob_build(&j->out, j->round, j->chunk_bytes, NULL, NULL, &j->blob);
     /* Peers check pushes by sha256: hash here, not on the loop thread. */
-    if (j->rc == 0 && !blob_sha256(j->blob))
+    if (j->rc == 0 && !blob_sha256(j->blob)) {
+        /* The data goes back to j->out (freed by merge_done); blob_unref is the
+         * loop thread's. */
+        free(j->blob);
+        j->blob = NULL;
+        j->out.borrowed = 0;
         j->rc = COHORT_ENOMEM;
+    }
     if (j->rc < 0)
         snprintf(j->err, sizeof j->err, "serializing: %s", cohort_strerror(j->rc));
 }

@@ -52,7 +52,8 @@ struct fold_job {
     /* Finiteness and XXH3 are checked as the data arrives (upload_absorb); an
      * update that names only a sha256 (an older client) is hashed on the pool. */
     uint8_t expect[32];
-    int verdict;                /* 0 or COHORT_ECHECKSUM */
+    int verdict;                /* 0, COHORT_ECHECKSUM or COHORT_ENONFINITE (overflow) */
+    size_t bad_index;           /* the first element that would overflow */
 };
 
 struct finalize_job {
@@ -84,6 +85,7 @@ struct finalize_job {
 /* Fold queue: a FIFO of jobs, one on the pool at a time. */
 static struct fold_job *fq_head, *fq_tail;
 static int fold_running;
+static int verify_running;      /* sha256 checks on the pool (updates without XXH3) */
 static int finalize_running;
 static uv_timer_t grant_timer;
 /* After the last round: how long evaluators get to report on the final model. */
@@ -98,7 +100,7 @@ static void verify_done(uv_work_t *req, int status);
 
 int round_jobs_inflight(struct server *s)
 {
-    return fold_running + finalize_running;
+    return fold_running + finalize_running + verify_running;
 }
 
 static struct part *find_part(struct server *s, int64_t client_id)
@@ -153,6 +155,7 @@ void round_fini(struct server *s)
     free(s->cur.parts);
     free(s->cur.acc);
     free(s->cur.vc_var_sum);
+    s->cur.nparts = 0;
     s->cur.parts = NULL;
     s->cur.acc = NULL;
     s->cur.vc_var_sum = NULL;
@@ -748,6 +751,14 @@ static void fold_work(uv_work_t *req)
     double t0 = metrics_now();
     if (j->weights)
         fold_weights_to_delta(j->delta, j->global->data, j->n);
+    /* Finite values can still overflow once weighted and summed (a delta of 1e30
+     * from a client claiming 1e10 examples): such an update is refused before it
+     * touches the sum, so one client cannot break the round or stop the server. */
+    j->bad_index = fold_first_overflow(j->acc, j->delta, j->n, j->weight, j->first);
+    if (j->bad_index < j->n) {
+        j->verdict = COHORT_ENONFINITE;
+        return;
+    }
     if (j->first)
         fold_set(j->acc, j->delta, j->n, j->weight);
     else
@@ -766,11 +777,49 @@ static void fold_work(uv_work_t *req)
     j->fold_s = metrics_now() - t0;
 }
 
+/* An update refused on the pool (its sha256, an overflow): the bookkeeping of
+ * a finished job without the ack. Frees j. */
+static void job_reject(struct server *s, struct fold_job *j, const char *msg)
+{
+    struct part *p = j->round == s->cur.id ? find_part(s, j->client_id) : NULL;
+    if (p && p->status == PART_FOLDING) {
+        p->status = PART_REJECTED;
+        p->err = j->verdict;
+        p->finished = server_now(s);
+        snprintf(p->reason, sizeof p->reason, "%s", msg);
+    }
+    struct conn *c = idmap_get(&s->conns_by_id, j->conn_id);
+    char label[400] = "a closed connection";
+    if (c) {
+        conn_label(c, label, sizeof label);
+        conn_send_error(c, j->verdict, j->round, 0, "update rejected: %s", msg);
+    }
+    coh_warn("round", "round %llu: %s: update rejected: %s", (unsigned long long)j->round, label,
+             msg);
+    s->cur.folds_inflight--;
+    staging_put(s, j->delta);
+    free(j->vars);
+    free(j);
+    s->cur.uploads_active--;
+    uv_timer_start(&grant_timer, on_grant, 0, 0);
+    check_close(s);
+}
+
 static void fold_done(uv_work_t *req, int status)
 {
     struct fold_job *j = req->data;
     struct server *s = j->s;
     fold_running = 0;
+    if (j->verdict) {
+        if (j->first)
+            s->cur.acc_folds--; /* nothing was folded: the next fold sets acc */
+        char msg[160];
+        snprintf(msg, sizeof msg, "the update times its weight %g overflows float32 "
+                 "(element %zu)", (double)j->weight, j->bad_index);
+        start_fold(s);
+        job_reject(s, j, msg);
+        return;
+    }
     metrics_fold_seconds(j->fold_s);
     s->cur.folds_inflight--;
     staging_put(s, j->delta);
@@ -840,33 +889,12 @@ static void verify_done(uv_work_t *req, int status)
 {
     struct fold_job *j = req->data;
     struct server *s = j->s;
+    verify_running--;
     if (j->verdict == 0) {
         queue_fold(s, j);
         return;
     }
-    const char *msg = "sha256 of the update does not match UpdateEnd";
-    struct part *p = j->round == s->cur.id ? find_part(s, j->client_id) : NULL;
-    if (p && p->status == PART_FOLDING) {
-        p->status = PART_REJECTED;
-        p->err = j->verdict;
-        p->finished = server_now(s);
-        snprintf(p->reason, sizeof p->reason, "%s", msg);
-    }
-    struct conn *c = idmap_get(&s->conns_by_id, j->conn_id);
-    char label[400] = "a closed connection";
-    if (c) {
-        conn_label(c, label, sizeof label);
-        conn_send_error(c, j->verdict, j->round, 0, "update rejected: %s", msg);
-    }
-    coh_warn("round", "round %llu: %s: update rejected: %s", (unsigned long long)j->round, label,
-             msg);
-    s->cur.folds_inflight--;
-    staging_put(s, j->delta);
-    free(j->vars);
-    free(j);
-    s->cur.uploads_active--;
-    uv_timer_start(&grant_timer, on_grant, 0, 0);
-    check_close(s);
+    job_reject(s, j, "sha256 of the update does not match UpdateEnd");
 }
 
 void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
@@ -965,6 +993,7 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     }
     memcpy(j->expect, m->sha256.data, 32);
     j->req.data = j;
+    verify_running++;
     uv_queue_work(s->loop, &j->req, verify_work, verify_done);
 }
 

@@ -34,6 +34,8 @@
  *   midupload     UpdateBegin + 2 chunks, then half-close: the server closes, no ack
  *   badnames, badshapes, badcount: Error ESHAPE non-fatal, no ack
  *   nan, inf      Error ENONFINITE non-fatal, no ack
+ *   huge          every value +-3e38 (finite): with --examples 1e10 the weighted sum
+ *                 overflows, so Error ENONFINITE non-fatal, no ack
  *   badchecksum   Error ECHECKSUM non-fatal, no ack (a wrong sha256)
  *   badxxh        Error ECHECKSUM non-fatal, no ack (a wrong XXH3-128)
  *   slowread      not an attack on the server but on its streaming: takes the offer, then
@@ -106,6 +108,7 @@ struct opts {
     long count;
     int timeout_ms;
     int accepts_xxh3;           /* --accepts-xxh3: set Hello.accepts_xxh3 */
+    int send_delay_ms;          /* --send-delay-ms: wait this long before sending an update */
 };
 
 struct h {
@@ -925,6 +928,9 @@ static int mode_update(struct h *h, int code, const char *what)
         v[numel / 2] = NAN;
     } else if (!strcmp(m, "inf")) {
         v[numel / 2] = INFINITY;
+    } else if (!strcmp(m, "huge")) {
+        for (size_t i = 0; i < numel; i++)
+            v[i] = (i % 2 ? -3e38f : 3e38f); /* finite, but not times a big weight */
     } else if (!strcmp(m, "badchecksum")) {
         corrupt = 1;
     } else if (!strcmp(m, "badxxh")) {
@@ -934,6 +940,8 @@ static int mode_update(struct h *h, int code, const char *what)
     } else if (!strcmp(m, "futureround")) {
         round = h->offer_round + 5;
     }
+    if (h->o->send_delay_ms > 0)
+        usleep((useconds_t)h->o->send_delay_ms * 1000);
     say("sending a %s update for round %llu", m, (unsigned long long)round);
     struct buf b = {0};
     buf_update(&b, round, &l, v, numel, h->o->examples, corrupt);
@@ -1152,8 +1160,9 @@ static int usage(void)
             "usage: hostile MODE --server HOST:PORT --ca CA --cert C --key K [--round R]\n"
             "               [--model-layout-from-offer | --layout NAME:D0xD1,...]\n"
             "               [--examples N] [--count N] [--timeout-ms MS] [--accepts-xxh3]\n"
+            "               [--send-delay-ms MS]\n"
             "MODE: plaintext nocert othercca expired revoked badversion bigframe undecodable\n"
-            "      truncated midupload badnames badshapes badcount nan inf closedround\n"
+            "      truncated midupload badnames badshapes badcount nan inf huge closedround\n"
             "      futureround duplicate early notoffered badchecksum badxxh slowloris burst honest\n"
             "      slowread offersums\n");
     return 2;
@@ -1198,6 +1207,8 @@ int main(int argc, char **argv)
             o.count = strtol(v, NULL, 10);
         else if (!strcmp(a, "--timeout-ms"))
             o.timeout_ms = atoi(v);
+        else if (!strcmp(a, "--send-delay-ms"))
+            o.send_delay_ms = atoi(v);
         else
             return usage();
     }
@@ -1228,7 +1239,7 @@ int main(int argc, char **argv)
         rc = mode_midupload(&h);
     else if (!strcmp(m, "badnames") || !strcmp(m, "badshapes") || !strcmp(m, "badcount"))
         rc = mode_update(&h, COHORT_ESHAPE, "ESHAPE");
-    else if (!strcmp(m, "nan") || !strcmp(m, "inf"))
+    else if (!strcmp(m, "nan") || !strcmp(m, "inf") || !strcmp(m, "huge"))
         rc = mode_update(&h, COHORT_ENONFINITE, "ENONFINITE");
     else if (!strcmp(m, "badchecksum") || !strcmp(m, "badxxh"))
         rc = mode_update(&h, COHORT_ECHECKSUM, "ECHECKSUM");

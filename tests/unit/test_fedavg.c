@@ -190,6 +190,37 @@ static void test_fold_set_and_apply_into(void **state)
     free(xt);
 }
 
+/* Finite values whose weighted sum overflows are found before anything is folded;
+ * the round's first fold never reads the accumulator (it may hold anything). */
+static void test_fold_first_overflow(void **state)
+{
+    enum { N = 300 };
+    float acc[N], d[N];
+    for (int i = 0; i < N; i++) {
+        acc[i] = 1.0f;
+        d[i] = 0.5f;
+    }
+    assert_int_equal(fold_first_overflow(acc, d, N, 10.0f, 0), N);
+    assert_int_equal(fold_first_overflow(acc, d, 0, 10.0f, 0), 0);
+    /* In the first block of 64, at a block's edges, in the tail. */
+    const int at[] = {0, 63, 64, 255, 256, 299};
+    for (size_t k = 0; k < sizeof at / sizeof at[0]; k++) {
+        d[at[k]] = 3e38f; /* finite, times 10 is not */
+        assert_int_equal(fold_first_overflow(acc, d, N, 10.0f, 0), at[k]);
+        assert_int_equal(fold_first_overflow(acc, d, N, 10.0f, 1), at[k]);
+        assert_int_equal(fold_first_overflow(acc, d, N, 1.0f, 0), N); /* 3e38 + 1 is finite */
+        d[at[k]] = 0.5f;
+    }
+    /* The sum overflows although the weighted update alone does not. */
+    acc[100] = 3e38f;
+    d[100] = 2e38f;
+    assert_int_equal(fold_first_overflow(acc, d, N, 1.0f, 0), 100);
+    /* The first fold ignores whatever the accumulator holds, NaN included. */
+    acc[7] = NAN;
+    assert_int_equal(fold_first_overflow(acc, d, N, 1.0f, 1), N);
+    assert_int_equal(fold_first_overflow(acc, d, N, 1.0f, 0), 7);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -199,6 +230,7 @@ int main(void)
         cmocka_unit_test(test_empty_round_keeps_model),
         cmocka_unit_test(test_unknown_weighting_refused),
         cmocka_unit_test(test_fold_set_and_apply_into),
+        cmocka_unit_test(test_fold_first_overflow),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
