@@ -1463,10 +1463,13 @@ static int adopt_layout(struct cohort_client *c, const Cohort__RoundOffer *of, s
         layout_fini(&c->lay);
         c->lay = l;
     }
-    if (c->buf_numel != numel) {
+    /* One buffer only with a server that takes trained weights: the received model
+     * is needed to make a difference for one that does not. */
+    int single = c->o.single_buffer && (of->accepts_weights || of->evaluate_only);
+    if (c->buf_numel != numel || (c->params == c->global) != single) {
         /* Free first so the peak stays at two models, not four. */
         free_model_buffers(c);
-        int copies = c->o.single_buffer ? 1 : 2;
+        int copies = single ? 1 : 2;
         c->params = malloc(numel * sizeof(float));
         c->global = c->params && copies == 2 ? malloc(numel * sizeof(float)) : c->params;
         if (!c->global) {
@@ -1497,7 +1500,6 @@ static int recv_model(struct cohort_client *c, const Cohort__RoundOffer *of)
     uint8_t *dst = (uint8_t *)c->global;
     int use_xxh = of->model_xxh3.len == COH_XXH_LEN;
     c->srv_xxh3 = use_xxh;
-    c->srv_weights = of->accepts_weights;
     if (use_xxh)
         coh_xxh_reset(c->xxh);
     else
@@ -1843,13 +1845,6 @@ static int do_round(struct cohort_client *c, const Cohort__RoundOffer *of, cohor
          * received model is gone, so the trained weights go as they are. */
         const float *up = r.params;
         int weights = !r.out_is_update && c->params == c->global;
-        if (weights && !c->srv_weights) {
-            log_c(c, COHORT_LOG_ERR, "round %" PRIu64 ": single-buffer mode sends trained "
-                  "weights and %s does not take them (an older cohortd?); declining", round,
-                  c->peer);
-            return send_decline(c, round, "the server does not take trained weights "
-                                "(single-buffer client)");
-        }
         if (!r.out_is_update && !weights) {
             for (size_t i = 0; i < numel; i++)
                 c->params[i] = r.params[i] - c->global[i];

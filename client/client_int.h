@@ -86,7 +86,6 @@ struct cohort_client {
     int64_t last_rx_ms, last_tx_ms;     /* monotonic */
     uint64_t hb_seq;
     uint32_t srv_max_frame;             /* from Welcome; 0 = unknown */
-    int srv_weights;                    /* the last offer carried accepts_weights */
     int srv_xxh3;                       /* the last offer carried model_xxh3: the server
                                            checks UpdateEnd.xxh3 (else send sha256) */
     uint32_t srv_hb_ms;

@@ -141,10 +141,10 @@ COHORT_API int cohort_opts_set_prefill(cohort_opts *o, int prefill);
 /* 1: keep one copy of the model instead of two. The model is received into
  * params (r->global then points at the same buffer: read it before training
  * changes it), the callback trains in place, and the trained weights are sent
- * as they are; the server subtracts the global model (cohortd announces that
- * it can; with a server that does not, a round that would send trained weights
- * is declined with an error). Updates the callback gives (out_is_update) are
- * sent as usual. Halves the client's model memory. Default 0. */
+ * as they are; the server subtracts the global model. Updates the callback
+ * gives (out_is_update) are sent as usual. Halves the client's model memory.
+ * With a server that does not announce RoundOffer.accepts_weights (an older
+ * cohortd) the library keeps two copies, as without the option. Default 0. */
 COHORT_API int cohort_opts_set_single_buffer(cohort_opts *o, int single);
 /* Largest frame accepted from the server (default 8 MiB) and largest model
  * (default 1 GiB); both are checked before allocating. */
