@@ -86,6 +86,9 @@ struct finalize_job {
 static struct fold_job *fq_head, *fq_tail;
 static int fold_running;
 static int verify_running;      /* sha256 checks on the pool (updates without XXH3) */
+/* COHORTD_COMPAT_NO_WEIGHTS set: offers leave accepts_weights out, as a cohortd from
+ * before it did, so the tests can check that clients fall back (e2e-fedavg_exact). */
+static int compat_no_weights;
 static int finalize_running;
 static uv_timer_t grant_timer;
 /* After the last round: how long evaluators get to report on the final model. */
@@ -141,6 +144,7 @@ int round_init(struct server *s)
 {
     memset(&s->cur, 0, sizeof s->cur);
     s->cur.phase = PHASE_WAITING;
+    compat_no_weights = getenv("COHORTD_COMPAT_NO_WEIGHTS") != NULL;
     uv_timer_init(s->loop, &grant_timer);
     uv_timer_init(s->loop, &final_eval_timer);
     final_eval_timer.data = s;
@@ -196,7 +200,7 @@ static void send_offer(struct server *s, struct conn *c, int eval)
     o.tensors = ptrs;
     o.total_bytes = s->blob->total_bytes;
     o.chunk_count = (uint32_t)s->blob->nchunks;
-    o.accepts_weights = 1;
+    o.accepts_weights = !compat_no_weights;
     o.model_xxh3.data = s->blob->xxh3;
     o.model_xxh3.len = sizeof s->blob->xxh3;
     if (!c->xxh3_ok) {

@@ -489,7 +489,10 @@ int client_main(int argc, char **argv)
         (sname && (rc = cohort_opts_set_server_name(op, sname)) < 0) ||
         (rc = cohort_opts_set_num_examples(op, examples)) < 0 ||
         (rc = cohort_opts_set_once(op, once)) < 0 ||
-        (rc = cohort_opts_set_prefill(op, x.kind != T_UPDATE)) < 0 ||
+        /* --update sends from the file's buffer, so params need no copy of the model;
+         * with --single-buffer it adds to the model in params, which then must hold it
+         * (it is the received model itself, or a copy of it with an older server). */
+        (rc = cohort_opts_set_prefill(op, x.kind != T_UPDATE || x.single_buffer)) < 0 ||
         (rc = cohort_opts_set_single_buffer(op, x.single_buffer)) < 0 ||
         (rc = cohort_opts_set_role(op, x.kind == T_EVAL ? COHORT_ROLE_EVALUATOR
                                                         : COHORT_ROLE_TRAINER)) < 0 ||
