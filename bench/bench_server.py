@@ -90,6 +90,17 @@ def set_nice(nice):
     os.nice(nice - os.nice(0))
 
 
+def same_autogroup_nice(pid):
+    nice = autogroup_nice()
+    if nice is None:
+        return
+    try:
+        with open("/proc/%d/autogroup" % pid, "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass
+
+
 def autogroup_nice():
     try:
         with open("/proc/self/autogroup") as f:
@@ -146,7 +157,13 @@ class Bench:
         # figures in docs/performance.md are taken without.
         args += os.environ.get("COHORT_BENCH_SERVER_ARGS", "").split()
         log = open(os.path.join(self.dir, "cohortd-%s.log" % tag), "w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        # cohortd in a session (and so a scheduling autogroup) of its own, with the
+        # benchmark's autogroup nice value: as a service runs in its own cgroup. In the
+        # clients' session its one loop thread would get one 51st of the CPU while
+        # 50 client threads are runnable, and rounds would measure that.
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        same_autogroup_nice(proc.pid)
         proc.hwm = HwmWatch(proc.pid)
         self.procs.append(proc)
         wait_port(port, proc, timeout=30)
@@ -438,7 +455,7 @@ def bench_round(b, quick):
     b.make_certs(max(n for n, _ in points))
     ca = os.path.join(b.certs, "ca.pem")
     for n, p in points:
-        floor = None
+        floor = floor_cpu = None
         for durability in (["full", "relaxed"] if not quick else ["full"]):
             tag = "round-%d-%d-%s" % (n, p, durability)
             if not wanted(tag):
@@ -449,8 +466,11 @@ def bench_round(b, quick):
                           str(4 * p), "--rounds", str(rounds)], timeout=600, check=False)
                 fl = json_lines(fr.stdout)
                 floor = fl[0]["value"] if fr.returncode == 0 and fl else 0
+                floor_cpu = fl[0].get("host_cpu_s_per_round") if floor else None
                 emit({"name": "round_tls_floor", "params": {"N": n, "P": p, "rounds": "2..%d" % rounds},
                       "value": floor, "unit": "s", "rounds_s": fl[0]["rounds_s"] if fl else None,
+                      "host_cpu_s_per_round": floor_cpu,
+                      "host_cores_busy": fl[0].get("host_cores_busy") if floor else None,
                       "note": "bench-tlsfloor: each client gets 4P bytes and sends 4P back over "
                               "TLS 1.3 (AES-128-GCM) on loopback; no cohort code",
                       "error": None if floor else fr.stderr[-300:]})
@@ -480,11 +500,21 @@ def bench_round(b, quick):
             times = [per[k]["t_result"] - per[k - 1]["t_result"] for k in range(2, rounds + 1)]
             srv = server_durations(state)
             med = statistics.median(times)
+            # The host's CPU per round (all processes; the machine runs only this): with
+            # the cores busy throughout, round time = CPU per round / cores, and CPU per
+            # round against the floor's is what cohort adds to moving the bytes.
+            busy = per[rounds]["host_busy_s"] - per[1]["host_busy_s"]
+            span = per[rounds]["t_result"] - per[1]["t_result"]
+            cpu_round = busy / (rounds - 1)
             fl_t, fl_rss = FLOWER.get((n, p), (None, None))
             extra = {"server_duration_median_s": round(statistics.median(srv), 4) if srv else None,
                      "rounds_s": [round(t, 4) for t in times],
                      "server_cpu_s": round(proc.cpu_s, 2), "clients_cpu_s": round(clients_cpu, 2),
                      "run_wall_s": round(wall, 2),
+                     "host_cpu_s_per_round": round(cpu_round, 3),
+                     "host_cores_busy": round(busy / span, 2) if span > 0 else None,
+                     "tls_floor_host_cpu_s_per_round": floor_cpu,
+                     "cpu_over_floor_cpu": round(cpu_round / floor_cpu, 2) if floor_cpu else None,
                      "tls_floor_s": floor or None,
                      "over_tls_floor": round(med / floor, 2) if floor else None,
                      "client_process_maxrss_mb": round(summ.get("maxrss_kib", 0) * 1024 / 1e6, 1)}

@@ -34,6 +34,7 @@
 
 struct rt {
     double first_train, last_train, last_ack, first_result;
+    double busy_at_result; /* the host's CPU seconds (bench_host_busy_s) at first_result */
     int acks, refused;
 };
 
@@ -61,8 +62,10 @@ static void on_event(const struct cohort_event *ev, void *user)
     pthread_mutex_lock(&mu);
     struct rt *r = &rts[ev->round];
     if (ev->kind == COHORT_EV_ROUND_RESULT) {
-        if (r->first_result == 0 || now < r->first_result)
+        if (r->first_result == 0 || now < r->first_result) {
             r->first_result = now;
+            r->busy_at_result = bench_host_busy_s();
+        }
     } else if (ev->kind == COHORT_EV_UPDATE_ACK) {
         if (ev->err == 0) {
             r->acks++;
@@ -224,9 +227,9 @@ int main(int argc, char **argv)
             continue;
         printf("{\"name\": \"lc_round\", \"params\": {\"N\": %d, \"P\": %zu, \"round\": %d}, "
                "\"acks\": %d, \"refused\": %d, \"t_first_train\": %.6f, \"t_last_train\": %.6f, "
-               "\"t_last_ack\": %.6f, \"t_result\": %.6f}\n",
+               "\"t_last_ack\": %.6f, \"t_result\": %.6f, \"host_busy_s\": %.3f}\n",
                n, shared_numel, r, x->acks, x->refused, x->first_train, x->last_train,
-               x->last_ack, x->first_result);
+               x->last_ack, x->first_result, x->busy_at_result);
     }
     printf("{\"name\": \"lc_summary\", \"params\": {\"N\": %d, \"mode\": \"%s\"}, \"failed\": %d, "
            "\"wall_s\": %.3f, \"maxrss_kib\": %ld, \"first_error\": \"",

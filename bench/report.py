@@ -125,6 +125,25 @@ def main():
                           "× better", "≥ 10×", "TLS floor s", "round / floor",
                           "10× target / floor", "server peak RSS MB", "Flower MB", "× better",
                           "≥ 10×", "cohortd CPU s (5 rounds)", "clients CPU s"], t))
+        cpu = []
+        for r in rt:
+            p = r["params"]
+            if r.get("host_cpu_s_per_round") is None:
+                continue
+            fl = pick(rows, "round_tls_floor", N=p["N"], P=p["P"]) or {}
+            ref = r.get("ref", {}).get("value")
+            c = r["host_cpu_s_per_round"]
+            cpu.append([p["N"], p["P"], p["durability"], r["value"], c,
+                        r.get("host_cores_busy"), round(c / 2, 4), r.get("tls_floor_s"),
+                        r.get("tls_floor_host_cpu_s_per_round"), fl.get("host_cores_busy"),
+                        r.get("cpu_over_floor_cpu"),
+                        round(ref / 10 * 2, 3) if ref else None])
+        if cpu:
+            out.append("\n#### round: the host's CPU per round (rounds 2..5, all processes)\n")
+            out.append(table(["N", "P", "durability", "round s", "host CPU s / round",
+                              "cores busy", "CPU / 2 cores s", "TLS floor s",
+                              "floor host CPU s / round", "floor cores busy",
+                              "CPU / floor CPU", "CPU the 10× target leaves (2 cores) s"], cpu))
         out.append("\n" + loads(rows, {"round_time"}) + "\n")
 
     mem = [r for r in rows if r.get("name") == "memory_server_peak_rss"]
