@@ -50,6 +50,7 @@ FLOWER = {(10, 1000000): (0.35, 528e6), (10, 10000000): (5.0, 3.9e9),
 
 OUT = None
 PERF_DIR = None
+SCHED_DIR = None
 ONLY = None
 
 
@@ -478,9 +479,30 @@ def bench_round(b, quick):
                 "--min-clients", str(n), "--rounds", str(rounds), "--durability", durability,
                 "--max-connections", str(n + 100)])
             t_start = time.time()
+            sched = None
+            if SCHED_DIR:
+                sched_data = os.path.join(SCHED_DIR, "sched-%s.data" % tag)
+                sched = subprocess.Popen(["perf", "record", "-q", "-k", "mono", "-a", "-e",
+                                          "sched:sched_switch", "-o", sched_data],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.3)
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             r = run([b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca", ca, "--certs",
                      b.certs, "--clients", str(n)], timeout=900, check=False)
+            if sched:
+                sched.send_signal(signal.SIGINT)
+                sched.wait(timeout=60)
+                lc_out = os.path.join(SCHED_DIR, "lcclients-%s.jsonl" % tag)
+                with open(lc_out, "w") as f:
+                    f.write(r.stdout)
+                ps = subprocess.run(["perf", "script", "-i", sched_data, "-F",
+                                     "cpu,time,event,trace"], capture_output=True, text=True)
+                ph = subprocess.run([sys.executable, os.path.join(os.path.dirname(
+                    os.path.abspath(__file__)), "sched_phases.py"), lc_out, "--server-pid",
+                    str(proc.pid)], input=ps.stdout, capture_output=True, text=True)
+                with open(os.path.join(SCHED_DIR, "sched-%s.md" % tag), "w") as f:
+                    f.write("# scheduler view of %s (bench/sched_phases.py)\n\n" % tag)
+                    f.write(ph.stdout or ph.stderr)
             wall = time.time() - t_start
             ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             clients_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
@@ -746,7 +768,7 @@ def bench_client(b, quick, src):
 
 
 def main():
-    global OUT, PERF_DIR, ONLY
+    global OUT, PERF_DIR, ONLY, SCHED_DIR
     ap = argparse.ArgumentParser()
     ap.add_argument("bench", choices=["ingest", "round", "memory", "scale", "client"])
     ap.add_argument("--build", required=True)
@@ -754,6 +776,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small points, for trying it out")
     ap.add_argument("--perf", help="record cohortd with perf record (DWARF call graphs) into "
                     "this directory, one perf-TAG.data per cohortd")
+    ap.add_argument("--sched", help="round: record the scheduler (perf sched_switch, all CPUs) "
+                    "during the clients' run and write sched-TAG.md into this directory: "
+                    "per round phase, the core-ms of cohortd's loop, its pool, the clients "
+                    "and idle (bench/sched_phases.py)")
     ap.add_argument("--only", help="only the points whose tag contains this (e.g. 10-10000000)")
     ap.add_argument("--out", help="append JSON lines here (default BUILD/bench/results.jsonl)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -762,6 +788,9 @@ def main():
         os.path.abspath(a.build), "bench", "results.jsonl")
     PERF_DIR = os.path.abspath(a.perf) if a.perf else None
     ONLY = a.only
+    SCHED_DIR = os.path.abspath(a.sched) if a.sched else None
+    if SCHED_DIR:
+        os.makedirs(SCHED_DIR, exist_ok=True)
     if PERF_DIR:
         os.makedirs(PERF_DIR, exist_ok=True)
     # A shared machine: COHORT_BENCH_NICE=-10 gives the benchmark's processes (cohortd

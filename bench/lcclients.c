@@ -232,8 +232,8 @@ int main(int argc, char **argv)
                x->last_ack, x->first_result, x->busy_at_result);
     }
     printf("{\"name\": \"lc_summary\", \"params\": {\"N\": %d, \"mode\": \"%s\"}, \"failed\": %d, "
-           "\"wall_s\": %.3f, \"maxrss_kib\": %ld, \"first_error\": \"",
-           n, mode, failed, t1, self_kib("VmHWM"));
+           "\"wall_s\": %.3f, \"t0_monotonic\": %.6f, \"maxrss_kib\": %ld, \"first_error\": \"",
+           n, mode, failed, t1, t0, self_kib("VmHWM"));
     for (const char *p = first_err; *p; p++)
         if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)
             putchar(*p);
