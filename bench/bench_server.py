@@ -287,6 +287,44 @@ class HwmWatch:
         return self.hwm
 
 
+class LoopCpu:
+    """CPU seconds of cohortd's loop thread (the task whose id is the pid) over time,
+    sampled every 5 ms with time.monotonic() (CLOCK_MONOTONIC, the clock
+    bench-lcclients reports t0_monotonic in), so the benchmark can take the loop's CPU
+    between two round results. Everything the loop does is sequential: a round cannot
+    be shorter than the loop's CPU in it."""
+
+    def __init__(self, pid):
+        self.path = "/proc/%d/task/%d/stat" % (pid, pid)
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.samples = []
+        self.done = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while not self.done.wait(0.005):
+            try:
+                with open(self.path) as f:
+                    v = f.read().rsplit(")", 1)[1].split()
+                self.samples.append((time.monotonic(), (int(v[11]) + int(v[12])) / self.hz))
+            except (OSError, ValueError, IndexError):
+                return
+
+    def at(self, t):
+        """The loop's CPU seconds at monotonic time t (the last sample before it)."""
+        best = None
+        for ts, cpu in self.samples:
+            if ts > t:
+                break
+            best = cpu
+        return best
+
+    def stop(self):
+        self.done.set()
+        self.t.join()
+
+
 def rss_parts(pid):
     """(RssAnon, RssFile) of a process in bytes, None when it is gone."""
     try:
@@ -456,7 +494,7 @@ def bench_round(b, quick):
     b.make_certs(max(n for n, _ in points))
     ca = os.path.join(b.certs, "ca.pem")
     for n, p in points:
-        floor = floor_cpu = None
+        floor = floor_cpu = floor_srv = None
         for durability in (["full", "relaxed"] if not quick else ["full"]):
             tag = "round-%d-%d-%s" % (n, p, durability)
             if not wanted(tag):
@@ -468,10 +506,12 @@ def bench_round(b, quick):
                 fl = json_lines(fr.stdout)
                 floor = fl[0]["value"] if fr.returncode == 0 and fl else 0
                 floor_cpu = fl[0].get("host_cpu_s_per_round") if floor else None
+                floor_srv = fl[0].get("server_cpu_s_per_round") if floor else None
                 emit({"name": "round_tls_floor", "params": {"N": n, "P": p, "rounds": "2..%d" % rounds},
                       "value": floor, "unit": "s", "rounds_s": fl[0]["rounds_s"] if fl else None,
                       "host_cpu_s_per_round": floor_cpu,
                       "host_cores_busy": fl[0].get("host_cores_busy") if floor else None,
+                      "server_cpu_s_per_round": floor_srv,
                       "note": "bench-tlsfloor: each client gets 4P bytes and sends 4P back over "
                               "TLS 1.3 (AES-128-GCM) on loopback; no cohort code",
                       "error": None if floor else fr.stderr[-300:]})
@@ -487,8 +527,10 @@ def bench_round(b, quick):
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.3)
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            loop_cpu = LoopCpu(proc.pid)
             r = run([b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca", ca, "--certs",
                      b.certs, "--clients", str(n)], timeout=900, check=False)
+            loop_cpu.stop()
             if sched:
                 sched.send_signal(signal.SIGINT)
                 sched.wait(timeout=60)
@@ -528,12 +570,18 @@ def bench_round(b, quick):
             busy = per[rounds]["host_busy_s"] - per[1]["host_busy_s"]
             span = per[rounds]["t_result"] - per[1]["t_result"]
             cpu_round = busy / (rounds - 1)
+            t0m = summ.get("t0_monotonic")
+            l1 = loop_cpu.at(t0m + per[1]["t_result"]) if t0m else None
+            lr = loop_cpu.at(t0m + per[rounds]["t_result"]) if t0m else None
+            loop_round = (lr - l1) / (rounds - 1) if l1 is not None and lr is not None else None
             fl_t, fl_rss = FLOWER.get((n, p), (None, None))
             extra = {"server_duration_median_s": round(statistics.median(srv), 4) if srv else None,
                      "rounds_s": [round(t, 4) for t in times],
                      "server_cpu_s": round(proc.cpu_s, 2), "clients_cpu_s": round(clients_cpu, 2),
                      "run_wall_s": round(wall, 2),
                      "host_cpu_s_per_round": round(cpu_round, 3),
+                     "loop_cpu_s_per_round": round(loop_round, 3) if loop_round else None,
+                     "tls_floor_server_cpu_s_per_round": floor_srv,
                      "host_cores_busy": round(busy / span, 2) if span > 0 else None,
                      "tls_floor_host_cpu_s_per_round": floor_cpu,
                      "cpu_over_floor_cpu": round(cpu_round / floor_cpu, 2) if floor_cpu else None,

@@ -159,6 +159,27 @@ struct client {
 static pthread_barrier_t bar;
 static double t_start[MAX_ROUNDS], t_end[MAX_ROUNDS];
 static double busy_start[MAX_ROUNDS], busy_end[MAX_ROUNDS];
+static double srv_start[MAX_ROUNDS], srv_end[MAX_ROUNDS];
+static pid_t server_pid;
+
+/* CPU seconds of the server process so far, all its threads (/proc/PID/stat). */
+static double server_cpu_s(void)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)server_pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char *p = strrchr(buf, ')');
+    unsigned long long ut = 0, st = 0;
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return 0;
+    long hz = sysconf(_SC_CLK_TCK);
+    return (double)(ut + st) / (double)(hz > 0 ? hz : 100);
+}
 
 static void *client(void *arg)
 {
@@ -183,6 +204,7 @@ static void *client(void *arg)
         if (c->idx == 0) {
             t_start[r] = now_s();
             busy_start[r] = bench_host_busy_s();
+            srv_start[r] = server_cpu_s();
         }
         uint8_t go = 1;
         if (write_n(c->ssl, &go, 1) < 0 ||
@@ -193,6 +215,7 @@ static void *client(void *arg)
         if (c->idx == 0) {
             t_end[r] = now_s();
             busy_end[r] = bench_host_busy_s();
+            srv_end[r] = server_cpu_s();
         }
     }
     SSL_free(c->ssl);
@@ -252,7 +275,7 @@ int main(int argc, char **argv)
         have_ag = fgets(ag, sizeof ag, agf) && sscanf(ag, "/autogroup-%*d nice %d", &ag_nice) == 1;
         fclose(agf);
     }
-    pid_t pid = fork();
+    pid_t pid = server_pid = fork();
     if (pid < 0)
         die("fork");
     if (pid == 0) {
@@ -291,14 +314,15 @@ int main(int argc, char **argv)
     int m = rounds - 1;
     double med = m % 2 ? d[1 + m / 2] : (d[m / 2] + d[m / 2 + 1]) / 2;
     /* The host's CPU over rounds 2..R: what moving these bytes costs, whoever does it. */
-    double busy = 0, wall = 0;
+    double busy = 0, wall = 0, srv = 0;
     for (int r = 1; r < rounds; r++) {
         busy += busy_end[r] - busy_start[r];
+        srv += srv_end[r] - srv_start[r];
         wall += t_end[r] - t_start[r];
     }
     printf("], \"value\": %.4f, \"unit\": \"s\", \"host_cpu_s_per_round\": %.3f, "
-           "\"host_cores_busy\": %.2f}\n",
-           med, busy / m, wall > 0 ? busy / wall : 0.0);
+           "\"host_cores_busy\": %.2f, \"server_cpu_s_per_round\": %.3f}\n",
+           med, busy / m, wall > 0 ? busy / wall : 0.0, srv / m);
     for (int i = 0; i < nclients; i++)
         free(cl[i].buf);
     free(cl);
