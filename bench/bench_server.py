@@ -295,8 +295,8 @@ class LoopCpu:
     be shorter than the loop's CPU in it."""
 
     def __init__(self, pid):
-        self.path = "/proc/%d/task/%d/stat" % (pid, pid)
-        self.hz = os.sysconf("SC_CLK_TCK")
+        # schedstat's first field: time on the CPU in ns (stat's utime+stime are 10 ms ticks)
+        self.path = "/proc/%d/task/%d/schedstat" % (pid, pid)
         self.samples = []
         self.done = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
@@ -306,23 +306,48 @@ class LoopCpu:
         while not self.done.wait(0.005):
             try:
                 with open(self.path) as f:
-                    v = f.read().rsplit(")", 1)[1].split()
-                self.samples.append((time.monotonic(), (int(v[11]) + int(v[12])) / self.hz))
+                    ns = int(f.read().split()[0])
+                self.samples.append((time.monotonic(), ns / 1e9))
             except (OSError, ValueError, IndexError):
                 return
 
     def at(self, t):
-        """The loop's CPU seconds at monotonic time t (the last sample before it)."""
-        best = None
+        """The loop's CPU seconds at monotonic time t, interpolated between samples."""
+        prev = None
         for ts, cpu in self.samples:
-            if ts > t:
-                break
-            best = cpu
-        return best
+            if ts >= t:
+                if prev is None:
+                    return None
+                t0, c0 = prev
+                return c0 + (cpu - c0) * (t - t0) / (ts - t0) if ts > t0 else cpu
+            prev = (ts, cpu)
+        return None
 
     def stop(self):
         self.done.set()
         self.t.join()
+
+
+def sched_phases(tag, rec, data, lc_stdout, server_pid):
+    """Writes SCHED_DIR/sched-TAG.md from a finished perf recording (see --sched)."""
+    out = os.path.join(SCHED_DIR, "sched-%s.md" % tag)
+    err = rec.stderr.read().decode(errors="replace") if rec.stderr else ""
+    if rec.returncode not in (0, -signal.SIGINT) or not os.path.exists(data):
+        with open(out, "w") as f:
+            f.write("perf record failed (exit %s): %s\n" % (rec.returncode, err[-500:]))
+        return
+    lc_out = os.path.join(SCHED_DIR, "lcclients-%s.jsonl" % tag)
+    with open(lc_out, "w") as f:
+        f.write(lc_stdout)
+    ps = subprocess.run(["perf", "script", "-i", data, "-F", "cpu,time,event,trace"],
+                        capture_output=True, text=True)
+    ph = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                         "sched_phases.py"), lc_out, "--server-pid", str(server_pid)],
+                        input=ps.stdout, capture_output=True, text=True)
+    with open(out, "w") as f:
+        f.write("# scheduler view of %s (bench/sched_phases.py)\n\n" % tag)
+        f.write(ph.stdout if ph.returncode == 0 and ph.stdout else
+                "sched_phases.py failed: %s %s\n" % (ph.stderr[-500:], ps.stderr[-300:]))
 
 
 def rss_parts(pid):
@@ -524,29 +549,26 @@ def bench_round(b, quick):
                 sched_data = os.path.join(SCHED_DIR, "sched-%s.data" % tag)
                 sched = subprocess.Popen(["perf", "record", "-q", "-k", "mono", "-a", "-e",
                                           "sched:sched_switch", "-o", sched_data],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 time.sleep(0.3)
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             loop_cpu = LoopCpu(proc.pid)
-            r = run([b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca", ca, "--certs",
-                     b.certs, "--clients", str(n)], timeout=900, check=False)
-            loop_cpu.stop()
+            try:
+                r = run([b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca", ca, "--certs",
+                         b.certs, "--clients", str(n)], timeout=900, check=False)
+                wall = time.time() - t_start
+                ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            finally:
+                loop_cpu.stop()
+                if sched:
+                    sched.send_signal(signal.SIGINT)
+                    try:
+                        sched.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        sched.kill()
+                        sched.wait()
             if sched:
-                sched.send_signal(signal.SIGINT)
-                sched.wait(timeout=60)
-                lc_out = os.path.join(SCHED_DIR, "lcclients-%s.jsonl" % tag)
-                with open(lc_out, "w") as f:
-                    f.write(r.stdout)
-                ps = subprocess.run(["perf", "script", "-i", sched_data, "-F",
-                                     "cpu,time,event,trace"], capture_output=True, text=True)
-                ph = subprocess.run([sys.executable, os.path.join(os.path.dirname(
-                    os.path.abspath(__file__)), "sched_phases.py"), lc_out, "--server-pid",
-                    str(proc.pid)], input=ps.stdout, capture_output=True, text=True)
-                with open(os.path.join(SCHED_DIR, "sched-%s.md" % tag), "w") as f:
-                    f.write("# scheduler view of %s (bench/sched_phases.py)\n\n" % tag)
-                    f.write(ph.stdout or ph.stderr)
-            wall = time.time() - t_start
-            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                sched_phases(tag, sched, sched_data, r.stdout, proc.pid)
             clients_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
             rc, rss = b.finish_server(proc)
             lines = json_lines(r.stdout)
@@ -580,7 +602,9 @@ def bench_round(b, quick):
                      "server_cpu_s": round(proc.cpu_s, 2), "clients_cpu_s": round(clients_cpu, 2),
                      "run_wall_s": round(wall, 2),
                      "host_cpu_s_per_round": round(cpu_round, 3),
-                     "loop_cpu_s_per_round": round(loop_round, 3) if loop_round else None,
+                     "loop_cpu_s_per_round": round(loop_round, 3) if loop_round is not None else None,
+                     "host_cpus": os.cpu_count(),
+                     "sched_recorded": bool(SCHED_DIR),
                      "tls_floor_server_cpu_s_per_round": floor_srv,
                      "host_cores_busy": round(busy / span, 2) if span > 0 else None,
                      "tls_floor_host_cpu_s_per_round": floor_cpu,

@@ -137,20 +137,21 @@ def main():
             fl = pick(rows, "round_tls_floor", N=p["N"], P=p["P"]) or {}
             ref = r.get("ref", {}).get("value")
             c = r["host_cpu_s_per_round"]
+            ncpu = r.get("host_cpus") or 2
             cpu.append([p["N"], p["P"], p["durability"], r["value"], c,
-                        r.get("host_cores_busy"), round(c / 2, 4),
+                        r.get("host_cores_busy"), round(c / ncpu, 4),
                         r.get("loop_cpu_s_per_round"), r.get("tls_floor_server_cpu_s_per_round"),
                         r.get("tls_floor_s"),
                         r.get("tls_floor_host_cpu_s_per_round"), fl.get("host_cores_busy"),
                         r.get("cpu_over_floor_cpu"),
-                        round(ref / 10 * 2, 3) if ref else None])
+                        round(ref / 10 * ncpu, 3) if ref else None])
         if cpu:
             out.append("\n#### round: the host's CPU per round (rounds 2..5, all processes)\n")
             out.append(table(["N", "P", "durability", "round s", "host CPU s / round",
-                              "cores busy", "CPU / 2 cores s", "cohortd loop thread CPU s / round",
+                              "cores busy", "CPU / cores s", "cohortd loop thread CPU s / round",
                               "floor's server CPU s / round (all threads)", "TLS floor s",
                               "floor host CPU s / round", "floor cores busy",
-                              "CPU / floor CPU", "CPU the 10× target leaves (2 cores) s"], cpu))
+                              "CPU / floor CPU", "CPU the 10× target leaves (all cores) s"], cpu))
         out.append("\n" + loads(rows, {"round_time"}) + "\n")
 
     mem = [r for r in rows if r.get("name") == "memory_server_peak_rss"]

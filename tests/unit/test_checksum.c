@@ -1,9 +1,10 @@
 /*
- * coh_xxh128 and the streaming checksum against Debian's libxxhash (its own
- * run-time dispatch, a separate build of the same algorithm), for every length
+ * coh_xxh128 and the streaming checksum against Debian's libxxhash (a separate
+ * build of the same algorithm, linked as a shared library), for every length
  * class XXH3 treats differently and for pieces of odd sizes; and each of
- * cohort's x86 variants (AVX2, AVX-512) directly when the CPU has it, so a
- * variant the dispatcher does not pick on this machine is still checked.
+ * cohort's x86 variants (AVX2, AVX-512), one-shot and streaming, directly when
+ * the CPU has it, so a variant the dispatcher does not pick on this machine is
+ * still checked.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -21,6 +22,8 @@
 #if defined(COH_XXH_X86)
 void coh_xxh128_avx2(const void *data, size_t len, uint64_t out[2]);
 void coh_xxh128_avx512(const void *data, size_t len, uint64_t out[2]);
+void coh_xxh_update_avx2(void *st, const void *data, size_t len);
+void coh_xxh_update_avx512(void *st, const void *data, size_t len);
 #endif
 
 static uint8_t *data;
@@ -88,13 +91,32 @@ static void test_variants_match_library(void **state)
         if (!(v ? __builtin_cpu_supports("avx512f") : __builtin_cpu_supports("avx2")))
             continue;
         tried++;
+        const char *name = v ? "AVX-512" : "AVX2";
         for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
-            uint64_t got[2];
-            (v ? coh_xxh128_avx512 : coh_xxh128_avx2)(data + 1, lens[i] ? lens[i] - 1 : 0, got);
-            XXH128_hash_t want = XXH3_128bits(data + 1, lens[i] ? lens[i] - 1 : 0);
-            if (got[0] != want.low64 || got[1] != want.high64)
-                fail_msg("%s variant differs at len %zu", v ? "AVX-512" : "AVX2", lens[i]);
+            for (size_t off = 0; off < 2; off++) {
+                size_t len = lens[i] - (lens[i] && off ? 1 : 0);
+                uint64_t got[2];
+                (v ? coh_xxh128_avx512 : coh_xxh128_avx2)(data + off, len, got);
+                XXH128_hash_t want = XXH3_128bits(data + off, len);
+                if (got[0] != want.low64 || got[1] != want.high64)
+                    fail_msg("%s one-shot differs at len %zu offset %zu", name, len, off);
+            }
         }
+        /* Streaming: a state made and finished by libxxhash, fed by the variant. */
+        static const size_t pieces[] = {1, 7, 64, 255, 256, 257, 1024, 16389, 1u << 20};
+        XXH3_state_t *st = XXH3_createState();
+        assert_non_null(st);
+        for (size_t k = 0; k < sizeof pieces / sizeof pieces[0]; k++) {
+            size_t len = pieces[k] < 64 ? 100003 : DATA_LEN;
+            XXH3_128bits_reset(st);
+            for (size_t o = 0; o < len; o += pieces[k])
+                (v ? coh_xxh_update_avx512 : coh_xxh_update_avx2)(
+                    st, data + o, len - o < pieces[k] ? len - o : pieces[k]);
+            XXH128_hash_t got = XXH3_128bits_digest(st), want = XXH3_128bits(data, len);
+            if (got.low64 != want.low64 || got.high64 != want.high64)
+                fail_msg("%s streaming differs in pieces of %zu", name, pieces[k]);
+        }
+        XXH3_freeState(st);
     }
     print_message("x86 variants checked: %d of 2 (the others are not on this CPU)\n", tried);
 #else
