@@ -479,6 +479,20 @@ def bench_ingest(b, quick):
               "note": "bench-tlsfloor --upload-only: N clients send 4P bytes each over TLS 1.3 "
                       "(AES-128-GCM) on loopback to a server with a thread per connection; "
                       "no cohort code"})
+        # The same floor with cohortd's shape (one event loop for every connection) and
+        # with two loops.
+        loops_gbps = {}
+        for k in (1, 2):
+            lf = tls_floor(b, n, p, rounds, k, upload_only=True)
+            loops_gbps[k] = n * 4 * p / lf["value"] / 1e9 if lf else None
+            emit({"name": "ingest_tls_floor_loops", "params": {"N": n, "P": p, "server_loops": k,
+                                                               "rounds": "2..%d" % rounds},
+                  "value": round(loops_gbps[k], 4) if loops_gbps[k] else None, "unit": "GB/s",
+                  "server_cpu_s_per_round": lf.get("server_cpu_s_per_round") if lf else None,
+                  "note": "bench-tlsfloor --upload-only --server-loops %d: as ingest_tls_floor, "
+                          "the server %d epoll loop(s), connection i on loop i mod %d"
+                          % (k, k, k)})
+        loop_gbps = loops_gbps[1]
         g_up = nbytes / t_up / 1e9
         g_round = nbytes / t_round / 1e9
         params = {"N": n, "P": p, "rounds": "2..%d" % rounds, "durability": "relaxed",
@@ -490,6 +504,9 @@ def bench_ingest(b, quick):
                    ref_aes256gcm=ref["aes256gcm_gbps"], cipher=summ.get("cipher"),
                    tls_floor_gbps=round(floor_gbps, 4) if floor_gbps else None,
                    of_tls_floor=round(g_up / floor_gbps, 3) if floor_gbps else None,
+                   tls_floor_one_loop_gbps=round(loop_gbps, 4) if loop_gbps else None,
+                   of_one_loop_floor=round(g_up / loop_gbps, 3) if loop_gbps else None,
+                   tls_floor_two_loops_gbps=round(loops_gbps[2], 4) if loops_gbps[2] else None,
                    floor_over_aes=round(floor_gbps / ref["aes128gcm_gbps"], 3) if floor_gbps
                    else None,
                    window="first UpdateBegin sent .. last UpdateAck received (uploads start "
@@ -509,6 +526,69 @@ def bench_ingest(b, quick):
                             "the upload window; /proc tick resolution 10 ms")
         emit({"name": "ingest_server_rss", "params": params, "value": round(rss / 1e6, 1),
               "unit": "MB"})
+        ingest_lc(b, n, p, rounds, ref["aes128gcm_gbps"], floor_gbps, loops_gbps)
+
+
+def ingest_lc(b, n, p, rounds, aes, floor_gbps, loops_gbps):
+    """Ingest with the floors' kind of sender: N libcohort clients as threads of one
+    process (bench-lcclients --upload-barrier), where cohort-loadgen sends from one
+    thread (which, on two cores, can be what paces the uploads: see loadgen_cpu_s)."""
+    tag = "ingest-lc-%d-%d" % (n, p)
+    proc, port, state = b.start_server(p, tag, [
+        "--min-clients", str(n), "--rounds", str(rounds), "--durability", "relaxed",
+        "--max-connections", str(n + 100)])
+    loop_cpu = LoopCpu(proc.pid)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        r = run([b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca",
+                 os.path.join(b.certs, "ca.pem"), "--certs", b.certs, "--clients", str(n),
+                 "--upload-barrier"], timeout=900, check=False)
+    finally:
+        loop_cpu.stop()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rc, rss = b.finish_server(proc, term=r.returncode != 0)
+    lines = json_lines(r.stdout)
+    per = {l["params"]["round"]: l for l in lines if l["name"] == "lc_round"}
+    summ = next((l for l in lines if l["name"] == "lc_summary"), {})
+    use = [per[k] for k in range(2, rounds + 1)
+           if per.get(k, {}).get("acks") == n and per[k].get("t_release")]
+    params = {"N": n, "P": p, "rounds": "2..%d" % rounds, "durability": "relaxed",
+              "clients": "libcohort threads in one process"}
+    if r.returncode != 0 or rc != 0 or len(use) < rounds - 1:
+        emit({"name": "ingest_upload_lc", "params": params,
+              "error": "run failed (clients rc=%d, cohortd rc=%d, %d rounds): %s %s" % (
+                  r.returncode, rc, len(use), summ.get("first_error", ""), r.stderr[-300:])})
+        return
+    t_up = sum(x["t_last_ack"] - x["t_release"] for x in use)
+    g = n * 4 * p * len(use) / t_up / 1e9
+    t0m = summ.get("t0_monotonic")
+    loop = None
+    if t0m:
+        parts = [(loop_cpu.at(t0m + x["t_release"]), loop_cpu.at(t0m + x["t_last_ack"]))
+                 for x in use]
+        if all(a is not None and z is not None for a, z in parts):
+            loop = sum(z - a for a, z in parts)
+    ratio_line("ingest_upload_lc", params, round(g, 4), "GB/s", "aes128gcm_decrypt_1core", aes,
+               target_ratio=0.5, met=g / aes >= 0.5,
+               tls_floor_gbps=round(floor_gbps, 4) if floor_gbps else None,
+               of_tls_floor=round(g / floor_gbps, 3) if floor_gbps else None,
+               of_one_loop_floor=round(g / loops_gbps[1], 3) if loops_gbps.get(1) else None,
+               loop_thread_busy=round(loop / t_up, 3) if loop is not None else None,
+               clients_cpu_s=round((ru1.ru_utime + ru1.ru_stime)
+                                   - (ru0.ru_utime + ru0.ru_stime), 2),
+               upload_wall_s=round(t_up, 3),
+               window="the last client has its model (all callbacks wait for it) .. last "
+                      "UpdateAck")
+
+
+def tls_floor(b, n, p, rounds, loops, upload_only=False):
+    """One bench-tlsfloor run with its server as `loops` epoll loops (0: a thread per
+    connection): its JSON line, or None when it failed."""
+    fr = run([b.tlsfloor, "--certs", b.certs, "--clients", str(n), "--bytes", str(4 * p),
+              "--rounds", str(rounds), "--server-loops", str(loops)]
+             + (["--upload-only"] if upload_only else []), timeout=600, check=False)
+    fl = json_lines(fr.stdout)
+    return fl[0] if fr.returncode == 0 and fl else None
 
 
 def bench_round(b, quick):
@@ -520,6 +600,7 @@ def bench_round(b, quick):
     ca = os.path.join(b.certs, "ca.pem")
     for n, p in points:
         floor = floor_cpu = floor_srv = None
+        loop_floors = {}
         for durability in (["full", "relaxed"] if not quick else ["full"]):
             tag = "round-%d-%d-%s" % (n, p, durability)
             if not wanted(tag):
@@ -540,6 +621,20 @@ def bench_round(b, quick):
                       "note": "bench-tlsfloor: each client gets 4P bytes and sends 4P back over "
                               "TLS 1.3 (AES-128-GCM) on loopback; no cohort code",
                       "error": None if floor else fr.stderr[-300:]})
+                # The floor with cohortd's shape (one event loop) and with two loops: what
+                # one loop costs with no application at all, and what a second would gain.
+                for k in (1, 2):
+                    lf = tls_floor(b, n, p, rounds, k)
+                    loop_floors[k] = lf["value"] if lf else None
+                    emit({"name": "round_tls_floor_loops",
+                          "params": {"N": n, "P": p, "server_loops": k, "rounds": "2..%d" % rounds},
+                          "value": lf["value"] if lf else None, "unit": "s",
+                          "rounds_s": lf["rounds_s"] if lf else None,
+                          "host_cpu_s_per_round": lf.get("host_cpu_s_per_round") if lf else None,
+                          "host_cores_busy": lf.get("host_cores_busy") if lf else None,
+                          "server_cpu_s_per_round": lf.get("server_cpu_s_per_round") if lf else None,
+                          "note": "bench-tlsfloor --server-loops %d: as round_tls_floor, the server "
+                                  "%d epoll loop(s), connection i on loop i mod %d" % (k, k, k)})
             proc, port, state = b.start_server(p, tag, [
                 "--min-clients", str(n), "--rounds", str(rounds), "--durability", durability,
                 "--max-connections", str(n + 100)])
@@ -611,6 +706,10 @@ def bench_round(b, quick):
                      "cpu_over_floor_cpu": round(cpu_round / floor_cpu, 2) if floor_cpu else None,
                      "tls_floor_s": floor or None,
                      "over_tls_floor": round(med / floor, 2) if floor else None,
+                     "tls_floor_one_loop_s": loop_floors.get(1),
+                     "tls_floor_two_loops_s": loop_floors.get(2),
+                     "over_one_loop_floor": round(med / loop_floors[1], 2)
+                     if loop_floors.get(1) else None,
                      "client_process_maxrss_mb": round(summ.get("maxrss_kib", 0) * 1024 / 1e6, 1)}
             if fl_t:
                 ratio_line("round_time", params, round(med, 4), "s", "flower_1.6", fl_t,

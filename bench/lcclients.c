@@ -16,6 +16,11 @@
  *   an application can have, used for the client RSS figure.
  * mode baseline: makes one client (OpenSSL initialized, certificates loaded), prints
  *   the process's peak RSS and exits without connecting.
+ * --upload-barrier: every round, no callback returns (so no upload starts) before all N
+ *   clients have the model; the round's line then has t_release, when the last one
+ *   got it. The ingest benchmark's window (t_release .. t_last_ack) then holds uploads
+ *   only, sent by N client threads, as bench-tlsfloor --upload-only's are.
+ *   Every client must take part in every round (cohortd --min-clients N).
  * The clients run until the server's RunEnd. Then one JSON line per round (the
  * clients' view: first callback, last ack, first RoundResult) and a summary with this
  * process's peak RSS (VmHWM).
@@ -34,6 +39,7 @@
 
 struct rt {
     double first_train, last_train, last_ack, first_result;
+    double release;        /* --upload-barrier: when the last client had the model */
     double busy_at_result; /* the host's CPU seconds (bench_host_busy_s) at first_result */
     int acks, refused;
 };
@@ -45,6 +51,8 @@ static size_t shared_numel;
 static int inplace;
 static int single;                 /* --mode single: inplace with one model buffer */
 static double t0;
+static int upload_barrier;
+static pthread_barrier_t ubar;
 
 struct th {
     pthread_t tid;
@@ -78,7 +86,7 @@ static void on_event(const struct cohort_event *ev, void *user)
     pthread_mutex_unlock(&mu);
 }
 
-static int train(struct cohort_round *r, void *user)
+static int train_body(struct cohort_round *r)
 {
     double now = bench_now() - t0;
     if (r->round <= MAX_ROUNDS) {
@@ -107,6 +115,19 @@ static int train(struct cohort_round *r, void *user)
     r->params = shared_update; /* as `cohort client --update`: sent from here, no copy */
     r->out_is_update = 1;
     return 0;
+}
+
+static int train(struct cohort_round *r, void *user)
+{
+    (void)user;
+    int rc = train_body(r);
+    if (upload_barrier &&
+        pthread_barrier_wait(&ubar) == PTHREAD_BARRIER_SERIAL_THREAD && r->round <= MAX_ROUNDS) {
+        pthread_mutex_lock(&mu);
+        rts[r->round].release = bench_now() - t0;
+        pthread_mutex_unlock(&mu);
+    }
+    return rc;
 }
 
 static void *run(void *arg)
@@ -139,7 +160,16 @@ int main(int argc, char **argv)
     const char *server = NULL, *ca = NULL, *certs = NULL, *mode = "update";
     int n = 1, first = 1;
     uint64_t examples = 100;
-    for (int i = 1; i + 1 < argc; i += 2) {
+    for (int i = 1; i < argc; i += 2) {
+        if (strcmp(argv[i], "--upload-barrier") == 0) {
+            upload_barrier = 1;
+            i--;
+            continue;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "bench-lcclients: %s needs a value\n", argv[i]);
+            return 2;
+        }
         if (strcmp(argv[i], "--server") == 0) server = argv[i + 1];
         else if (strcmp(argv[i], "--ca") == 0) ca = argv[i + 1];
         else if (strcmp(argv[i], "--certs") == 0) certs = argv[i + 1];
@@ -154,7 +184,8 @@ int main(int argc, char **argv)
     }
     if (!server || !ca || !certs || n < 1) {
         fprintf(stderr, "usage: bench-lcclients --server H:P --ca CA --certs DIR --clients N "
-                        "[--first I] [--examples E] [--mode update|inplace|single]\n");
+                        "[--first I] [--examples E] [--mode update|inplace|single] "
+                        "[--upload-barrier]\n");
         return 2;
     }
     single = strcmp(mode, "single") == 0;
@@ -183,6 +214,8 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
+    if (upload_barrier)
+        pthread_barrier_init(&ubar, NULL, (unsigned)n);
     t0 = bench_now();
     struct th *ths = calloc((size_t)n, sizeof *ths);
     pthread_attr_t attr;
@@ -227,9 +260,12 @@ int main(int argc, char **argv)
             continue;
         printf("{\"name\": \"lc_round\", \"params\": {\"N\": %d, \"P\": %zu, \"round\": %d}, "
                "\"acks\": %d, \"refused\": %d, \"t_first_train\": %.6f, \"t_last_train\": %.6f, "
-               "\"t_last_ack\": %.6f, \"t_result\": %.6f, \"host_busy_s\": %.3f}\n",
+               "\"t_last_ack\": %.6f, \"t_result\": %.6f, \"host_busy_s\": %.3f",
                n, shared_numel, r, x->acks, x->refused, x->first_train, x->last_train,
                x->last_ack, x->first_result, x->busy_at_result);
+        if (upload_barrier)
+            printf(", \"t_release\": %.6f", x->release);
+        printf("}\n");
     }
     printf("{\"name\": \"lc_summary\", \"params\": {\"N\": %d, \"mode\": \"%s\"}, \"failed\": %d, "
            "\"wall_s\": %.3f, \"t0_monotonic\": %.6f, \"maxrss_kib\": %ld, \"first_error\": \"",

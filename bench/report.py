@@ -96,15 +96,23 @@ def main():
             rd = pick(rows, "ingest_round", N=p["N"], P=p["P"]) or {}
             cpu = pick(rows, "ingest_per_server_cpu", N=p["N"], P=p["P"]) or {}
             rss = pick(rows, "ingest_server_rss", N=p["N"], P=p["P"]) or {}
+            lc = pick(rows, "ingest_upload_lc", N=p["N"], P=p["P"]) or {}
             t.append([p["N"], p["P"], r["value"], r["ref"]["value"], r.get("ratio"), r.get("met"),
                       r.get("tls_floor_gbps"), r.get("floor_over_aes"), r.get("of_tls_floor"),
+                      r.get("tls_floor_one_loop_gbps"), r.get("of_one_loop_floor"),
+                      r.get("tls_floor_two_loops_gbps"),
                       rd.get("value"), cpu.get("value"), cpu.get("ratio"),
-                      cpu.get("loop_thread_busy"), rss.get("value")])
+                      cpu.get("loop_thread_busy"), rss.get("value"), lc.get("value"),
+                      lc.get("ratio"), lc.get("of_one_loop_floor"), lc.get("loop_thread_busy")])
         out.append("### ingest (rounds 2..R, cohort-loadgen clients, --durability relaxed)\n")
         out.append(table(["N", "P", "upload GB/s", "AES-128-GCM 1 core", "upload / AES", "≥ 0.5",
                           "TLS floor GB/s", "floor / AES", "upload / floor",
+                          "one-loop floor GB/s", "upload / one-loop floor",
+                          "two-loop floor GB/s",
                           "offer→last ack GB/s", "GB per server CPU-s", "per CPU-s / AES",
-                          "loop thread busy", "server RSS MB"], t))
+                          "loop thread busy", "server RSS MB",
+                          "libcohort clients: upload GB/s", "/ AES", "/ one-loop floor",
+                          "loop thread busy"], t))
         out.append("\n" + loads(rows, {"ingest_upload"}) + "\n")
 
     rt = [r for r in rows if r.get("name") == "round_time" and "value" in r]
@@ -120,6 +128,8 @@ def main():
                       ref, r.get("better_x"), r.get("met"), r.get("tls_floor_s"),
                       r.get("over_tls_floor"), round(ref / 10 / r["tls_floor_s"], 2)
                       if ref and r.get("tls_floor_s") else None,
+                      r.get("tls_floor_one_loop_s"), r.get("over_one_loop_floor"),
+                      r.get("tls_floor_two_loops_s"),
                       m.get("value"), mref,
                       m.get("better_x"), m.get("met"), r.get("server_cpu_s"),
                       r.get("clients_cpu_s")])
@@ -127,7 +137,8 @@ def main():
                    "process)\n")
         out.append(table(["N", "P", "durability", "round s", "server-side s", "Flower s",
                           "× better", "≥ 10×", "TLS floor s", "round / floor",
-                          "10× target / floor", "server peak RSS MB", "Flower MB", "× better",
+                          "10× target / floor", "one-loop floor s", "round / one-loop floor",
+                          "two-loop floor s", "server peak RSS MB", "Flower MB", "× better",
                           "≥ 10×", "cohortd CPU s (5 rounds)", "clients CPU s"], t))
         cpu = []
         for r in rt:
@@ -135,6 +146,7 @@ def main():
             if r.get("host_cpu_s_per_round") is None:
                 continue
             fl = pick(rows, "round_tls_floor", N=p["N"], P=p["P"]) or {}
+            f1 = pick(rows, "round_tls_floor_loops", N=p["N"], P=p["P"], server_loops=1) or {}
             ref = r.get("ref", {}).get("value")
             c = r["host_cpu_s_per_round"]
             ncpu = r.get("host_cpus") or 2
@@ -144,6 +156,8 @@ def main():
                         r.get("tls_floor_s"),
                         r.get("tls_floor_host_cpu_s_per_round"), fl.get("host_cores_busy"),
                         r.get("cpu_over_floor_cpu"),
+                        f1.get("server_cpu_s_per_round"), f1.get("host_cpu_s_per_round"),
+                        f1.get("host_cores_busy"),
                         round(ref / 10 * ncpu, 3) if ref else None])
         if cpu:
             out.append("\n#### round: the host's CPU per round (rounds 2..5, all processes)\n")
@@ -151,7 +165,9 @@ def main():
                               "cores busy", "CPU / cores s", "cohortd loop thread CPU s / round",
                               "floor's server CPU s / round (all threads)", "TLS floor s",
                               "floor host CPU s / round", "floor cores busy",
-                              "CPU / floor CPU", "CPU the 10× target leaves (all cores) s"], cpu))
+                              "CPU / floor CPU", "one-loop floor server CPU s / round",
+                              "one-loop floor host CPU s / round", "one-loop floor cores busy",
+                              "CPU the 10× target leaves (all cores) s"], cpu))
         out.append("\n" + loads(rows, {"round_time"}) + "\n")
 
     mem = [r for r in rows if r.get("name") == "memory_server_peak_rss"]

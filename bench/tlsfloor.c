@@ -8,9 +8,15 @@
  * server and client doing this round over TLS on this machine must pay.
  *
  *   bench-tlsfloor --certs DIR --clients N --bytes B [--rounds R] [--upload-only]
+ *                  [--server-loops K]
  *
  * --upload-only: the clients send and the server only receives (the ingest
  * benchmark's floor: its clients' uploads and nothing else).
+ * --server-loops K: instead of a thread per connection, K threads each run an
+ * epoll loop over non-blocking connections (connection i on loop i mod K), the
+ * shape of cohortd's server (K = 1) and of a server with K loops. This measures
+ * what cohortd's one loop costs without any of its work, and what more loops
+ * would gain on this machine, without building them into cohortd.
  * DIR is what `cohort certs --clients N` writes. The server is a process of its
  * own (in its own session, as cohortd in bench_server.py) with a thread per connection (so its encryption may use both cores:
  * a lower floor than cohortd's single loop thread); the clients are threads of
@@ -21,6 +27,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
@@ -31,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -43,7 +51,7 @@
 #define PIECE 16384
 
 static const char *certs;
-static int nclients, rounds = 5, upload_only;
+static int nclients, rounds = 5, upload_only, server_loops;
 static size_t nbytes;
 static uint8_t *payload;        /* what both sides send, shared read-only */
 
@@ -99,6 +107,16 @@ static int read_n(SSL *ssl, uint8_t *p, size_t n)
     return 0;
 }
 
+static int accept_one(int lfd)
+{
+    int fd = accept(lfd, NULL, NULL);
+    if (fd < 0)
+        die("accept");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    return fd;
+}
+
 /* ---- server process: a thread per connection ---- */
 
 struct sconn {
@@ -124,20 +142,144 @@ static void *serve(void *arg)
     return NULL;
 }
 
+/* ---- server process, --server-loops K: K epoll loops ---- */
+
+enum { L_HANDSHAKE, L_GO, L_SEND, L_RECV, L_ACK, L_DONE };
+
+struct lconn {
+    SSL *ssl;
+    int state, round;
+    size_t off;
+    uint8_t *sink;
+};
+
+struct sloop {
+    int ep, n;                  /* epoll fd; connections still running */
+};
+
+/* Drives one connection as far as its socket allows: 1 when it has finished
+ * every round, 0 when it would block (edge-triggered: every path to 0 has seen
+ * EAGAIN on the side it waits for). */
+static int lconn_step(struct lconn *c)
+{
+    for (;;) {
+        int rc = 1;
+        size_t n = 0;
+        uint8_t go = 1;
+        switch (c->state) {
+        case L_HANDSHAKE:
+            rc = SSL_accept(c->ssl);
+            if (rc == 1)
+                c->state = L_GO;
+            break;
+        case L_GO:
+            rc = SSL_read_ex(c->ssl, &go, 1, &n);
+            if (rc == 1) {
+                c->state = upload_only ? L_RECV : L_SEND;
+                c->off = 0;
+            }
+            break;
+        case L_SEND: {
+            size_t k = nbytes - c->off < PIECE ? nbytes - c->off : PIECE;
+            if (k == 0) {
+                c->state = L_RECV;
+                c->off = 0;
+                continue;
+            }
+            rc = SSL_write_ex(c->ssl, payload + c->off, k, &n);
+            if (rc == 1)
+                c->off += n;
+            break;
+        }
+        case L_RECV:
+            if (c->off == nbytes) {
+                c->state = L_ACK;
+                continue;
+            }
+            rc = SSL_read_ex(c->ssl, c->sink + c->off, nbytes - c->off, &n);
+            if (rc == 1)
+                c->off += n;
+            break;
+        case L_ACK:
+            rc = SSL_write_ex(c->ssl, &go, 1, &n);
+            if (rc == 1)
+                c->state = ++c->round == rounds ? L_DONE : L_GO;
+            break;
+        default:
+            return 1;
+        }
+        if (rc != 1) {
+            int e = SSL_get_error(c->ssl, rc);
+            if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+                return 0;
+            die("server transfer (loop)");
+        }
+    }
+}
+
+static void *serve_loop(void *arg)
+{
+    struct sloop *l = arg;
+    struct epoll_event ev[64];
+    while (l->n > 0) {
+        int k = epoll_wait(l->ep, ev, 64, -1);
+        if (k < 0 && errno != EINTR)
+            die("epoll_wait");
+        for (int i = 0; i < k; i++) {
+            struct lconn *c = ev[i].data.ptr;
+            if (c->state != L_DONE && lconn_step(c))
+                l->n--;
+        }
+    }
+    return NULL;
+}
+
+static void run_server_loops(int lfd, SSL_CTX *ctx)
+{
+    struct sloop *lp = calloc((size_t)server_loops, sizeof *lp);
+    struct lconn *cs = calloc((size_t)nclients, sizeof *cs);
+    pthread_t *th = calloc((size_t)server_loops, sizeof *th);
+    if (!lp || !cs || !th)
+        die("out of memory");
+    for (int t = 0; t < server_loops; t++)
+        if ((lp[t].ep = epoll_create1(0)) < 0)
+            die("epoll_create1");
+    for (int i = 0; i < nclients; i++) {
+        int fd = accept_one(lfd);
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        struct lconn *c = &cs[i];
+        c->ssl = SSL_new(ctx);
+        c->sink = malloc(nbytes ? nbytes : 1);
+        if (!c->ssl || !c->sink)
+            die("out of memory");
+        SSL_set_fd(c->ssl, fd);
+        struct sloop *l = &lp[i % server_loops];
+        l->n++;
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLET, .data.ptr = c};
+        if (epoll_ctl(l->ep, EPOLL_CTL_ADD, fd, &ev) < 0)
+            die("epoll_ctl");
+    }
+    /* Loops start once every connection is registered: no epoll_ctl races a wait. */
+    for (int t = 0; t < server_loops; t++)
+        if (pthread_create(&th[t], NULL, serve_loop, &lp[t]) != 0)
+            die("pthread_create");
+    for (int t = 0; t < server_loops; t++)
+        pthread_join(th[t], NULL);
+    _exit(0);
+}
+
 static void run_server(int lfd)
 {
     char cert[1024], key[1024];
     snprintf(cert, sizeof cert, "%s/server.pem", certs);
     snprintf(key, sizeof key, "%s/server.key", certs);
     SSL_CTX *ctx = make_ctx(1, cert, key);
+    if (server_loops > 0)
+        run_server_loops(lfd, ctx);
     pthread_t *th = calloc((size_t)nclients, sizeof *th);
     struct sconn *sc = calloc((size_t)nclients, sizeof *sc);
     for (int i = 0; i < nclients; i++) {
-        int fd = accept(lfd, NULL, NULL);
-        if (fd < 0)
-            die("accept");
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        int fd = accept_one(lfd);
         sc[i].ssl = SSL_new(ctx);
         SSL_set_fd(sc[i].ssl, fd);
         if (pthread_create(&th[i], NULL, serve, &sc[i]) != 0)
@@ -241,9 +383,12 @@ int main(int argc, char **argv)
             nbytes = strtoull(argv[i + 1], NULL, 10);
         else if (!strcmp(argv[i], "--rounds"))
             rounds = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--server-loops"))
+            server_loops = atoi(argv[i + 1]);
     }
-    if (!certs || nclients < 1 || rounds < 2 || rounds > MAX_ROUNDS) {
-        fprintf(stderr, "usage: bench-tlsfloor --certs DIR --clients N --bytes B [--rounds R]\n");
+    if (!certs || nclients < 1 || rounds < 2 || rounds > MAX_ROUNDS || server_loops < 0) {
+        fprintf(stderr, "usage: bench-tlsfloor --certs DIR --clients N --bytes B [--rounds R] "
+                        "[--upload-only] [--server-loops K]\n");
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -302,8 +447,8 @@ int main(int argc, char **argv)
         die("server process failed");
     double d[MAX_ROUNDS];
     printf("{\"name\": \"tls_floor\", \"params\": {\"N\": %d, \"bytes\": %zu, \"rounds\": %d, "
-           "\"upload_only\": %s}, \"rounds_s\": [", nclients, nbytes, rounds,
-           upload_only ? "true" : "false");
+           "\"upload_only\": %s, \"server_loops\": %d}, \"rounds_s\": [", nclients, nbytes,
+           rounds, upload_only ? "true" : "false", server_loops);
     for (int r = 0; r < rounds; r++) {
         d[r] = t_end[r] - t_start[r];
         printf("%s%.4f", r ? ", " : "", d[r]);
