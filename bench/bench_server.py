@@ -306,21 +306,25 @@ class LoopCpu:
         while not self.done.wait(0.005):
             try:
                 with open(self.path) as f:
-                    ns = int(f.read().split()[0])
-                self.samples.append((time.monotonic(), ns / 1e9))
+                    v = f.read().split()
+                # on a CPU, and runnable but waiting for one (ns)
+                self.samples.append((time.monotonic(), int(v[0]) / 1e9, int(v[1]) / 1e9))
             except (OSError, ValueError, IndexError):
                 return
 
-    def at(self, t):
-        """The loop's CPU seconds at monotonic time t, interpolated between samples."""
+    def at(self, t, field=1):
+        """The loop's CPU seconds (field 2: seconds waiting for a CPU) at monotonic time
+        t, interpolated between the samples around it; None when there are none within
+        50 ms (the sampler was starved or had stopped)."""
         prev = None
-        for ts, cpu in self.samples:
+        for smp in self.samples:
+            ts = smp[0]
             if ts >= t:
-                if prev is None:
+                if prev is None or ts - prev[0] > 0.05:
                     return None
-                t0, c0 = prev
-                return c0 + (cpu - c0) * (t - t0) / (ts - t0) if ts > t0 else cpu
-            prev = (ts, cpu)
+                t0, c0, c1 = prev[0], prev[field], smp[field]
+                return c0 + (c1 - c0) * (t - t0) / (ts - t0) if ts > t0 else c1
+            prev = smp
         return None
 
     def stop(self):
@@ -484,11 +488,12 @@ def bench_ingest(b, quick):
         loops_gbps = {}
         for k in (1, 2):
             lf = tls_floor(b, n, p, rounds, k, upload_only=True)
-            loops_gbps[k] = n * 4 * p / lf["value"] / 1e9 if lf else None
+            loops_gbps[k] = n * 4 * p / lf["value"] / 1e9 if "value" in lf else None
             emit({"name": "ingest_tls_floor_loops", "params": {"N": n, "P": p, "server_loops": k,
                                                                "rounds": "2..%d" % rounds},
                   "value": round(loops_gbps[k], 4) if loops_gbps[k] else None, "unit": "GB/s",
-                  "server_cpu_s_per_round": lf.get("server_cpu_s_per_round") if lf else None,
+                  "server_cpu_s_per_round": lf.get("server_cpu_s_per_round"),
+                  "error": lf.get("error"),
                   "note": "bench-tlsfloor --upload-only --server-loops %d: as ingest_tls_floor, "
                           "the server %d epoll loop(s), connection i on loop i mod %d"
                           % (k, k, k)})
@@ -538,57 +543,74 @@ def ingest_lc(b, n, p, rounds, aes, floor_gbps, loops_gbps):
         "--min-clients", str(n), "--rounds", str(rounds), "--durability", "relaxed",
         "--max-connections", str(n + 100)])
     loop_cpu = LoopCpu(proc.pid)
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    params = {"N": n, "P": p, "rounds": "2..%d" % rounds, "durability": "relaxed",
+              "clients": "libcohort threads in one process"}
     try:
         r = run([b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca",
                  os.path.join(b.certs, "ca.pem"), "--certs", b.certs, "--clients", str(n),
                  "--upload-barrier"], timeout=900, check=False)
-    finally:
+    except subprocess.TimeoutExpired:
         loop_cpu.stop()
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        b.finish_server(proc, timeout=30, term=True)
+        emit({"name": "ingest_upload_lc", "params": params,
+              "error": "bench-lcclients did not finish in 900 s"})
+        return
+    loop_cpu.stop()
     rc, rss = b.finish_server(proc, term=r.returncode != 0)
     lines = json_lines(r.stdout)
     per = {l["params"]["round"]: l for l in lines if l["name"] == "lc_round"}
     summ = next((l for l in lines if l["name"] == "lc_summary"), {})
     use = [per[k] for k in range(2, rounds + 1)
            if per.get(k, {}).get("acks") == n and per[k].get("t_release")]
-    params = {"N": n, "P": p, "rounds": "2..%d" % rounds, "durability": "relaxed",
-              "clients": "libcohort threads in one process"}
-    if r.returncode != 0 or rc != 0 or len(use) < rounds - 1:
+    if r.returncode != 0 or rc != 0 or len(use) < rounds - 1 or summ.get("barrier_broken"):
         emit({"name": "ingest_upload_lc", "params": params,
-              "error": "run failed (clients rc=%d, cohortd rc=%d, %d rounds): %s %s" % (
-                  r.returncode, rc, len(use), summ.get("first_error", ""), r.stderr[-300:])})
+              "error": "run failed (clients rc=%d, cohortd rc=%d, %d rounds%s): %s %s" % (
+                  r.returncode, rc, len(use),
+                  ", the upload barrier timed out" if summ.get("barrier_broken") else "",
+                  summ.get("first_error", ""), r.stderr[-300:])})
         return
     t_up = sum(x["t_last_ack"] - x["t_release"] for x in use)
     g = n * 4 * p * len(use) / t_up / 1e9
     t0m = summ.get("t0_monotonic")
-    loop = None
-    if t0m:
-        parts = [(loop_cpu.at(t0m + x["t_release"]), loop_cpu.at(t0m + x["t_last_ack"]))
-                 for x in use]
-        if all(a is not None and z is not None for a, z in parts):
-            loop = sum(z - a for a, z in parts)
+
+    def over_windows(field):
+        # the loop thread's schedstat field summed over the windows, or None
+        if not t0m:
+            return None
+        parts = [(loop_cpu.at(t0m + x["t_release"], field),
+                  loop_cpu.at(t0m + x["t_last_ack"], field)) for x in use]
+        if any(a is None or z is None for a, z in parts):
+            return None
+        return sum(z - a for a, z in parts)
+    on, waiting = over_windows(1), over_windows(2)
     ratio_line("ingest_upload_lc", params, round(g, 4), "GB/s", "aes128gcm_decrypt_1core", aes,
                target_ratio=0.5, met=g / aes >= 0.5,
                tls_floor_gbps=round(floor_gbps, 4) if floor_gbps else None,
                of_tls_floor=round(g / floor_gbps, 3) if floor_gbps else None,
                of_one_loop_floor=round(g / loops_gbps[1], 3) if loops_gbps.get(1) else None,
-               loop_thread_busy=round(loop / t_up, 3) if loop is not None else None,
-               clients_cpu_s=round((ru1.ru_utime + ru1.ru_stime)
-                                   - (ru0.ru_utime + ru0.ru_stime), 2),
+               loop_thread_busy=round(on / t_up, 3) if on is not None else None,
+               loop_thread_runnable=round(waiting / t_up, 3) if waiting is not None else None,
+               loop_thread_asleep=round(1 - (on + waiting) / t_up, 3)
+               if on is not None and waiting is not None else None,
                upload_wall_s=round(t_up, 3),
-               window="the last client has its model (all callbacks wait for it) .. last "
-                      "UpdateAck")
+               window="the last client has its model (every callback waits for it) .. last "
+                      "UpdateAck; loop thread: on a CPU / runnable / asleep, from its "
+                      "schedstat")
 
 
 def tls_floor(b, n, p, rounds, loops, upload_only=False):
     """One bench-tlsfloor run with its server as `loops` epoll loops (0: a thread per
-    connection): its JSON line, or None when it failed."""
-    fr = run([b.tlsfloor, "--certs", b.certs, "--clients", str(n), "--bytes", str(4 * p),
-              "--rounds", str(rounds), "--server-loops", str(loops)]
-             + (["--upload-only"] if upload_only else []), timeout=600, check=False)
+    connection): its JSON line, or {"error": why} when it failed."""
+    try:
+        fr = run([b.tlsfloor, "--certs", b.certs, "--clients", str(n), "--bytes", str(4 * p),
+                  "--rounds", str(rounds), "--server-loops", str(loops)]
+                 + (["--upload-only"] if upload_only else []), timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": "bench-tlsfloor did not finish in 600 s"}
     fl = json_lines(fr.stdout)
-    return fl[0] if fr.returncode == 0 and fl else None
+    if fr.returncode == 0 and fl and fl[0].get("value"):
+        return fl[0]
+    return {"error": "bench-tlsfloor failed (%d): %s" % (fr.returncode, fr.stderr[-300:])}
 
 
 def bench_round(b, quick):
@@ -625,14 +647,15 @@ def bench_round(b, quick):
                 # one loop costs with no application at all, and what a second would gain.
                 for k in (1, 2):
                     lf = tls_floor(b, n, p, rounds, k)
-                    loop_floors[k] = lf["value"] if lf else None
+                    loop_floors[k] = lf.get("value")
                     emit({"name": "round_tls_floor_loops",
                           "params": {"N": n, "P": p, "server_loops": k, "rounds": "2..%d" % rounds},
-                          "value": lf["value"] if lf else None, "unit": "s",
-                          "rounds_s": lf["rounds_s"] if lf else None,
-                          "host_cpu_s_per_round": lf.get("host_cpu_s_per_round") if lf else None,
-                          "host_cores_busy": lf.get("host_cores_busy") if lf else None,
-                          "server_cpu_s_per_round": lf.get("server_cpu_s_per_round") if lf else None,
+                          "value": lf.get("value"), "unit": "s",
+                          "rounds_s": lf.get("rounds_s"),
+                          "host_cpu_s_per_round": lf.get("host_cpu_s_per_round"),
+                          "host_cores_busy": lf.get("host_cores_busy"),
+                          "server_cpu_s_per_round": lf.get("server_cpu_s_per_round"),
+                          "error": lf.get("error"),
                           "note": "bench-tlsfloor --server-loops %d: as round_tls_floor, the server "
                                   "%d epoll loop(s), connection i on loop i mod %d" % (k, k, k)})
             proc, port, state = b.start_server(p, tag, [
@@ -643,7 +666,9 @@ def bench_round(b, quick):
             if SCHED_DIR:
                 sched_data = os.path.join(SCHED_DIR, "sched-%s.data" % tag)
                 sched = subprocess.Popen(["perf", "record", "-q", "-k", "mono", "-a", "-e",
-                                          "sched:sched_switch", "-o", sched_data],
+                                          "sched:sched_switch", "-e", "sched:sched_wakeup",
+                                          "-e", "sched:sched_wakeup_new",
+                                          "-o", sched_data],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 time.sleep(0.3)
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)

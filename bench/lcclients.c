@@ -25,12 +25,14 @@
  * clients' view: first callback, last ack, first RoundResult) and a summary with this
  * process's peak RSS (VmHWM).
  */
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 
 #include "bench_util.h"
 #include "cohort.h"
@@ -51,8 +53,35 @@ static size_t shared_numel;
 static int inplace;
 static int single;                 /* --mode single: inplace with one model buffer */
 static double t0;
-static int upload_barrier;
-static pthread_barrier_t ubar;
+static int upload_barrier, nclients;
+
+/* --upload-barrier: a barrier that gives up after two minutes (a client that failed or
+ * reconnected mid-round would otherwise hold the others forever); once broken it stays
+ * broken, and the summary says so. */
+static pthread_mutex_t bmu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t bcv = PTHREAD_COND_INITIALIZER;
+static int b_count, b_broken;
+static unsigned b_gen;
+
+static void upload_barrier_wait(void)
+{
+    pthread_mutex_lock(&bmu);
+    unsigned gen = b_gen;
+    if (!b_broken && ++b_count == nclients) {
+        b_count = 0;
+        b_gen++;
+        pthread_cond_broadcast(&bcv);
+    }
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += 120;
+    while (gen == b_gen && !b_broken)
+        if (pthread_cond_timedwait(&bcv, &bmu, &dl) == ETIMEDOUT) {
+            b_broken = 1;
+            pthread_cond_broadcast(&bcv);
+        }
+    pthread_mutex_unlock(&bmu);
+}
 
 struct th {
     pthread_t tid;
@@ -121,11 +150,17 @@ static int train(struct cohort_round *r, void *user)
 {
     (void)user;
     int rc = train_body(r);
-    if (upload_barrier &&
-        pthread_barrier_wait(&ubar) == PTHREAD_BARRIER_SERIAL_THREAD && r->round <= MAX_ROUNDS) {
-        pthread_mutex_lock(&mu);
-        rts[r->round].release = bench_now() - t0;
-        pthread_mutex_unlock(&mu);
+    if (upload_barrier) {
+        /* The release is when the last client arrives, taken before waiting: the thread
+         * that wakes first is already encrypting by the time another reads a clock. */
+        double now = bench_now() - t0;
+        if (r->round <= MAX_ROUNDS) {
+            pthread_mutex_lock(&mu);
+            if (now > rts[r->round].release)
+                rts[r->round].release = now;
+            pthread_mutex_unlock(&mu);
+        }
+        upload_barrier_wait();
     }
     return rc;
 }
@@ -214,8 +249,7 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    if (upload_barrier)
-        pthread_barrier_init(&ubar, NULL, (unsigned)n);
+    nclients = n;
     t0 = bench_now();
     struct th *ths = calloc((size_t)n, sizeof *ths);
     pthread_attr_t attr;
@@ -268,8 +302,9 @@ int main(int argc, char **argv)
         printf("}\n");
     }
     printf("{\"name\": \"lc_summary\", \"params\": {\"N\": %d, \"mode\": \"%s\"}, \"failed\": %d, "
-           "\"wall_s\": %.3f, \"t0_monotonic\": %.6f, \"maxrss_kib\": %ld, \"first_error\": \"",
-           n, mode, failed, t1, t0, self_kib("VmHWM"));
+           "\"wall_s\": %.3f, \"t0_monotonic\": %.6f, \"maxrss_kib\": %ld, "
+           "\"barrier_broken\": %s, \"first_error\": \"",
+           n, mode, failed, t1, t0, self_kib("VmHWM"), b_broken ? "true" : "false");
     for (const char *p = first_err; *p; p++)
         if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)
             putchar(*p);
@@ -278,5 +313,5 @@ int main(int argc, char **argv)
         cohort_client_free(ths[i].c);
     free(ths);
     free(shared_update);
-    return failed ? 1 : 0;
+    return failed || b_broken ? 1 : 0;
 }

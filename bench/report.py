@@ -103,7 +103,8 @@ def main():
                       r.get("tls_floor_two_loops_gbps"),
                       rd.get("value"), cpu.get("value"), cpu.get("ratio"),
                       cpu.get("loop_thread_busy"), rss.get("value"), lc.get("value"),
-                      lc.get("ratio"), lc.get("of_one_loop_floor"), lc.get("loop_thread_busy")])
+                      lc.get("ratio"), lc.get("of_one_loop_floor"), lc.get("loop_thread_busy"),
+                      lc.get("loop_thread_runnable"), lc.get("loop_thread_asleep")])
         out.append("### ingest (rounds 2..R, cohort-loadgen clients, --durability relaxed)\n")
         out.append(table(["N", "P", "upload GB/s", "AES-128-GCM 1 core", "upload / AES", "≥ 0.5",
                           "TLS floor GB/s", "floor / AES", "upload / floor",
@@ -112,7 +113,7 @@ def main():
                           "offer→last ack GB/s", "GB per server CPU-s", "per CPU-s / AES",
                           "loop thread busy", "server RSS MB",
                           "libcohort clients: upload GB/s", "/ AES", "/ one-loop floor",
-                          "loop thread busy"], t))
+                          "loop on a CPU", "loop runnable", "loop asleep"], t))
         out.append("\n" + loads(rows, {"ingest_upload"}) + "\n")
 
     rt = [r for r in rows if r.get("name") == "round_time" and "value" in r]

@@ -18,9 +18,10 @@
  * what cohortd's one loop costs without any of its work, and what more loops
  * would gain on this machine, without building them into cohortd.
  * DIR is what `cohort certs --clients N` writes. The server is a process of its
- * own (in its own session, as cohortd in bench_server.py) with a thread per connection (so its encryption may use both cores:
- * a lower floor than cohortd's single loop thread); the clients are threads of
- * this process, as in bench-lcclients. Buffers are model-sized and reused, as
+ * own (in its own session, as cohortd in bench_server.py), by default with a
+ * thread per connection (so its encryption may use both cores: a lower floor than
+ * cohortd's single loop thread); the clients are threads of this process, as in
+ * bench-lcclients. Buffers are model-sized and reused, as
  * in cohort. Prints one JSON line: per-round wall times and their median over
  * rounds 2..R, and the host's CPU time per round over rounds 2..R (all processes,
  * /proc/stat) with the average number of cores it kept busy.
@@ -246,7 +247,9 @@ static void run_server_loops(int lfd, SSL_CTX *ctx)
             die("epoll_create1");
     for (int i = 0; i < nclients; i++) {
         int fd = accept_one(lfd);
-        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+            die("fcntl O_NONBLOCK");
         struct lconn *c = &cs[i];
         c->ssl = SSL_new(ctx);
         c->sink = malloc(nbytes ? nbytes : 1);
