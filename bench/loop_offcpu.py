@@ -4,21 +4,23 @@ with --upload-barrier (bench/ingest_sched.sh records one).
 
     loop_offcpu.py PERF_DATA LC_STDOUT LOOP_TID [ROUND]
 
-PERF_DATA is `perf record -k mono -a -e sched:sched_switch`, LC_STDOUT what
-bench-lcclients printed (its rounds' t_release and t_last_ack are seconds after its
-t0_monotonic, the clock perf -k mono uses). Prints, over the windows of rounds 2..R
-(the last client has its model .. the last UpdateAck), the loop thread's time on a CPU,
-asleep (it waited for input: switched out in state S or D) and runnable (switched out
-in state R: another thread had its CPU), and the core-seconds of the other threads and
-of idle. With ROUND, also that round's window in 10 ms buckets.
+PERF_DATA is `perf record -k mono -a -e sched:sched_switch -e sched:sched_wakeup
+-e sched:sched_wakeup_new`,
+LC_STDOUT what bench-lcclients printed (its rounds' t_release and t_last_ack are seconds
+after its t0_monotonic, the clock perf -k mono uses). Prints, over the windows of rounds
+2..R (the last client has its model .. the last UpdateAck), the loop thread's time on a
+CPU, runnable (preempted, or woken and waiting for a CPU) and asleep (waiting for input),
+and the core-seconds of the other threads, of idle and of what the recording cannot tell
+(see sched_trace.py). With ROUND, also that round's window in 10 ms steps.
 """
 import json
-import re
+import os
 import subprocess
 import sys
 
-SWITCH = re.compile(r"\[(\d+)\]\s+([\d.]+): prev_comm=(.*) prev_pid=(\d+) prev_prio=\S+ "
-                    r"prev_state=(\S+) ==> next_comm=(.*) next_pid=(\d+)")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sched_trace  # noqa: E402
+
 BUCKET = 0.010
 
 
@@ -27,28 +29,6 @@ def windows(lc_path):
     t0 = next(l for l in lines if l["name"] == "lc_summary")["t0_monotonic"]
     return {l["params"]["round"]: (t0 + l["t_release"], t0 + l["t_last_ack"])
             for l in lines if l["name"] == "lc_round" and l.get("t_release")}
-
-
-def switches(data):
-    out = subprocess.run(["perf", "script", "-i", data, "-F", "cpu,time,trace"],
-                         capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        m = SWITCH.search(line)
-        if m:
-            yield (int(m.group(1)), float(m.group(2)), m.group(3).strip(), int(m.group(4)),
-                   m.group(5), m.group(6).strip(), int(m.group(7)))
-
-
-def category(pid, comm, loop):
-    if pid == 0:
-        return "idle"
-    if pid == loop:
-        return "loop"
-    if comm.startswith("cohortd"):
-        return "cohortd pool"
-    if comm.startswith("bench-lcclient"):
-        return "clients"
-    return "other"
 
 
 def main():
@@ -60,61 +40,53 @@ def main():
     use = [w for r, w in sorted(wins.items()) if r >= 2]
     if not use:
         sys.exit("no upload windows in %s (was it run with --upload-barrier?)" % lc)
-
-    def clip(a, b, ws=use):
-        return sum(max(0.0, min(b, w1) - max(a, w0)) for w0, w1 in ws)
-
-    per_cpu = {}                    # cpu -> (category, since)
-    cores = {}                      # category -> core-seconds inside the windows
-    loop_state, loop_since = None, None
-    off = {"asleep": 0.0, "runnable": 0.0}
-    bw = wins.get(one) if one else None
-    nb = int((bw[1] - bw[0]) / BUCKET) + 1 if bw else 0
-    buckets = {}
-
-    def add_bucket(cat, a, b):
-        a, b = max(a, bw[0]), min(b, bw[1])
-        while a < b:
-            i = min(int((a - bw[0]) / BUCKET), nb - 1)
-            e = min(b, bw[0] + (i + 1) * BUCKET)
-            if e <= a:              # a sits on a boundary that rounding put in bucket i
-                i = min(i + 1, nb - 1)
-                e = min(b, bw[0] + (i + 1) * BUCKET)
-                if e <= a:
-                    break
-            buckets.setdefault(cat, [0.0] * nb)[i] += e - a
-            a = e
-
-    for cpu, t, pcomm, ppid, pstate, ncomm, npid in switches(data):
-        if cpu in per_cpu:
-            cat, since = per_cpu[cpu]
-            cores[cat] = cores.get(cat, 0.0) + clip(since, t)
-            if bw:
-                add_bucket(cat, since, t)
-        per_cpu[cpu] = (category(npid, ncomm, loop), t)
-        if ppid == loop:
-            loop_state = "runnable" if pstate.startswith("R") else "asleep"
-            loop_since = t
-        elif npid == loop and loop_state:
-            off[loop_state] += clip(loop_since, t)
-            loop_state = None
-
+    out = subprocess.run(["perf", "script", "-i", data, "-F", "cpu,time,event,trace"],
+                         capture_output=True, text=True, check=True).stdout
+    events = sched_trace.parse(out.splitlines())
+    if not any(e[0] == "w" for e in events):
+        sys.exit("no sched_wakeup events in %s: record with -e sched:sched_wakeup" % data)
+    iv = sched_trace.Intervals(events)
     total = sum(w1 - w0 for w0, w1 in use)
-    on = cores.get("loop", 0.0)
-    print("upload windows of rounds 2..%d: %.3f s" % (max(wins), total))
-    print("loop thread: on a CPU %.3f s (%.0f %%), asleep %.3f s (%.0f %%), runnable %.3f s "
-          "(%.0f %%)" % (on, 100 * on / total, off["asleep"], 100 * off["asleep"] / total,
-                         off["runnable"], 100 * off["runnable"] / total))
-    print("core-seconds: " + ", ".join("%s %.3f" % (k, v) for k, v in sorted(cores.items())))
+
+    cores = {}
+    for cpu, s, e, pid, comm in iv.spans:
+        c = sched_trace.kind(pid, comm, loop, "cohortd pool")
+        cores[c] = cores.get(c, 0.0) + sched_trace.clip(s, e, use)
+    states = {"on": 0.0, "runnable": 0.0, "asleep": 0.0}
+    for s, e, st in sched_trace.thread_states(events, iv.spans, loop):
+        states[st] += sched_trace.clip(s, e, use)
+    told = sum(states.values())
+
+    print("upload windows of rounds 2..%d: %.3f s; switches lost by the recording: %d, of "
+          "which %d placed by a wakeup" % (max(wins), total, iv.breaks, iv.recovered))
+    print("loop thread: on a CPU %.3f s (%.0f %%), runnable %.3f s (%.0f %%), asleep %.3f s "
+          "(%.0f %%)" % (states["on"], 100 * states["on"] / total, states["runnable"],
+                         100 * states["runnable"] / total, states["asleep"],
+                         100 * states["asleep"] / total))
+    if abs(told - total) > 0.01 * total:
+        print("WARNING: the loop's states cover %.3f of %.3f s" % (told, total))
+    print("core-seconds (of %.3f): " % (2 * total) +
+          ", ".join("%s %.3f" % (k, v) for k, v in sorted(cores.items())))
     print("windows ms: " + " ".join("%.0f" % ((w1 - w0) * 1e3) for w0, w1 in use))
-    if bw:
-        print("\nround %d, %.1f ms, cores busy per 10 ms:" % (one, (bw[1] - bw[0]) * 1e3))
-        cats = sorted(buckets)
-        print("| ms | " + " | ".join(cats) + " |")
-        print("| ---: | " + " | ".join("---:" for _ in cats) + " |")
+    if not one or one not in wins:
+        return
+    b0, b1 = wins[one]
+    nb = int((b1 - b0) / BUCKET) + 1
+    cats = ["loop", "cohortd pool", "clients", "other", "idle", "unknown"]
+    grid = {c: [0.0] * nb for c in cats}
+    for cpu, s, e, pid, comm in iv.spans:
+        c = sched_trace.kind(pid, comm, loop, "cohortd pool")
         for i in range(nb):
-            print("| %d | " % (i * 10) + " | ".join("%.2f" % (buckets[c][i] / BUCKET)
-                                                   for c in cats) + " |")
+            lo, hi = b0 + i * BUCKET, min(b1, b0 + (i + 1) * BUCKET)
+            grid[c][i] += max(0.0, min(e, hi) - max(s, lo))
+    print("\nround %d, %.1f ms: cores used per step (the last step may be shorter)" %
+          (one, (b1 - b0) * 1e3))
+    print("| ms | " + " | ".join(cats) + " |")
+    print("| ---: | " + " | ".join("---:" for _ in cats) + " |")
+    for i in range(nb):
+        width = min(b1, b0 + (i + 1) * BUCKET) - (b0 + i * BUCKET)
+        print("| %d | " % (i * 10) + " | ".join("%.2f" % (grid[c][i] / width) for c in cats)
+              + " |")
 
 
 if __name__ == "__main__":
