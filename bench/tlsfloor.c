@@ -303,6 +303,8 @@ struct client {
 };
 
 static pthread_barrier_t bar;
+static pthread_mutex_t tmu = PTHREAD_MUTEX_INITIALIZER;
+static int arrived[MAX_ROUNDS], finished[MAX_ROUNDS];
 static double t_start[MAX_ROUNDS], t_end[MAX_ROUNDS];
 static double busy_start[MAX_ROUNDS], busy_end[MAX_ROUNDS];
 static double srv_start[MAX_ROUNDS], srv_end[MAX_ROUNDS];
@@ -338,23 +340,30 @@ static void *client(void *arg)
     if (SSL_connect(c->ssl) != 1)
         die("client handshake");
     for (int r = 0; r < rounds; r++) {
-        pthread_barrier_wait(&bar);
-        if (c->idx == 0) {
+        /* The round starts when the last client is ready and ends when the last one is
+         * done, and that client reads the clocks: a thread that reads them after the
+         * barrier may run only after the others have been sending for a while. */
+        pthread_mutex_lock(&tmu);
+        if (++arrived[r] == nclients) {
             t_start[r] = now_s();
             busy_start[r] = bench_host_busy_s();
             srv_start[r] = server_cpu_s();
         }
+        pthread_mutex_unlock(&tmu);
+        pthread_barrier_wait(&bar);
         uint8_t go = 1;
         if (write_n(c->ssl, &go, 1) < 0 ||
             (!upload_only && read_n(c->ssl, c->buf, nbytes) < 0) ||
             write_n(c->ssl, payload, nbytes) < 0 || read_n(c->ssl, &go, 1) < 0)
             die("client transfer");
-        pthread_barrier_wait(&bar);
-        if (c->idx == 0) {
+        pthread_mutex_lock(&tmu);
+        if (++finished[r] == nclients) {
             t_end[r] = now_s();
             busy_end[r] = bench_host_busy_s();
             srv_end[r] = server_cpu_s();
         }
+        pthread_mutex_unlock(&tmu);
+        pthread_barrier_wait(&bar);
     }
     SSL_free(c->ssl);
     SSL_CTX_free(ctx);
