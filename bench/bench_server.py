@@ -305,12 +305,18 @@ class LoopCpu:
     def run(self):
         while not self.done.wait(0.005):
             try:
+                t0 = time.monotonic()
                 with open(self.path) as f:
                     v = f.read().split()
-                # on a CPU, and runnable but waiting for one (ns)
-                self.samples.append((time.monotonic(), int(v[0]) / 1e9, int(v[1]) / 1e9))
+                t1 = time.monotonic()
             except (OSError, ValueError, IndexError):
                 return
+            # A read that took long (this thread was preempted) has no clear time.
+            # Field 1 (on a CPU, ns) moves at scheduler ticks (4 ms here), field 2
+            # (waiting for a CPU) when a wait ends: a window's figures are good to
+            # a tick or one wait at each end.
+            if t1 - t0 < 0.001:
+                self.samples.append(((t0 + t1) / 2, int(v[0]) / 1e9, int(v[1]) / 1e9))
 
     def at(self, t, field=1):
         """The loop's CPU seconds (field 2: seconds waiting for a CPU) at monotonic time
@@ -474,12 +480,11 @@ def bench_ingest(b, quick):
         gen_cpu = sum(x["loadgen_cpu_upload_s"] for x in use)
         ref = json_lines(run([b.loadgen, "aesref", "--params", str(nbytes)]).stdout)[0]
         # Same-run floor: the same uploads over TLS on loopback with no application.
-        fr = run([b.tlsfloor, "--certs", b.certs, "--clients", str(n), "--bytes", str(4 * p),
-                  "--rounds", str(rounds), "--upload-only"], timeout=600, check=False)
-        fl = json_lines(fr.stdout)
-        floor_gbps = n * 4 * p / fl[0]["value"] / 1e9 if fr.returncode == 0 and fl else None
+        fl = tls_floor(b, n, p, rounds, 0, upload_only=True)
+        floor_gbps = n * 4 * p / fl["value"] / 1e9 if "value" in fl else None
         emit({"name": "ingest_tls_floor", "params": {"N": n, "P": p, "rounds": "2..%d" % rounds},
               "value": round(floor_gbps, 4) if floor_gbps else None, "unit": "GB/s",
+              "error": fl.get("error"),
               "note": "bench-tlsfloor --upload-only: N clients send 4P bytes each over TLS 1.3 "
                       "(AES-128-GCM) on loopback to a server with a thread per connection; "
                       "no cohort code"})
@@ -590,7 +595,7 @@ def ingest_lc(b, n, p, rounds, aes, floor_gbps, loops_gbps):
                of_one_loop_floor=round(g / loops_gbps[1], 3) if loops_gbps.get(1) else None,
                loop_thread_busy=round(on / t_up, 3) if on is not None else None,
                loop_thread_runnable=round(waiting / t_up, 3) if waiting is not None else None,
-               loop_thread_asleep=round(1 - (on + waiting) / t_up, 3)
+               loop_thread_asleep=round(max(0.0, 1 - (on + waiting) / t_up), 3)
                if on is not None and waiting is not None else None,
                upload_wall_s=round(t_up, 3),
                window="the last client has its model (every callback waits for it) .. last "
@@ -629,20 +634,18 @@ def bench_round(b, quick):
                 continue
             if floor is None:
                 # Same-run floor: the round's bytes over TLS on loopback and nothing else.
-                fr = run([b.tlsfloor, "--certs", b.certs, "--clients", str(n), "--bytes",
-                          str(4 * p), "--rounds", str(rounds)], timeout=600, check=False)
-                fl = json_lines(fr.stdout)
-                floor = fl[0]["value"] if fr.returncode == 0 and fl else 0
-                floor_cpu = fl[0].get("host_cpu_s_per_round") if floor else None
-                floor_srv = fl[0].get("server_cpu_s_per_round") if floor else None
+                fl = tls_floor(b, n, p, rounds, 0)
+                floor = fl.get("value", 0)
+                floor_cpu = fl.get("host_cpu_s_per_round")
+                floor_srv = fl.get("server_cpu_s_per_round")
                 emit({"name": "round_tls_floor", "params": {"N": n, "P": p, "rounds": "2..%d" % rounds},
-                      "value": floor, "unit": "s", "rounds_s": fl[0]["rounds_s"] if fl else None,
+                      "value": floor, "unit": "s", "rounds_s": fl.get("rounds_s"),
                       "host_cpu_s_per_round": floor_cpu,
-                      "host_cores_busy": fl[0].get("host_cores_busy") if floor else None,
+                      "host_cores_busy": fl.get("host_cores_busy"),
                       "server_cpu_s_per_round": floor_srv,
                       "note": "bench-tlsfloor: each client gets 4P bytes and sends 4P back over "
                               "TLS 1.3 (AES-128-GCM) on loopback; no cohort code",
-                      "error": None if floor else fr.stderr[-300:]})
+                      "error": fl.get("error")})
                 # The floor with cohortd's shape (one event loop) and with two loops: what
                 # one loop costs with no application at all, and what a second would gain.
                 for k in (1, 2):

@@ -59,7 +59,7 @@ static int upload_barrier, nclients;
  * reconnected mid-round would otherwise hold the others forever); once broken it stays
  * broken, and the summary says so. */
 static pthread_mutex_t bmu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t bcv = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t bcv; /* on CLOCK_MONOTONIC: made in main */
 static int b_count, b_broken;
 static unsigned b_gen;
 
@@ -73,10 +73,10 @@ static void upload_barrier_wait(void)
         pthread_cond_broadcast(&bcv);
     }
     struct timespec dl;
-    clock_gettime(CLOCK_REALTIME, &dl);
+    clock_gettime(CLOCK_MONOTONIC, &dl);
     dl.tv_sec += 120;
     while (gen == b_gen && !b_broken)
-        if (pthread_cond_timedwait(&bcv, &bmu, &dl) == ETIMEDOUT) {
+        if (pthread_cond_timedwait(&bcv, &bmu, &dl) == ETIMEDOUT && gen == b_gen) {
             b_broken = 1;
             pthread_cond_broadcast(&bcv);
         }
@@ -250,6 +250,11 @@ int main(int argc, char **argv)
         setrlimit(RLIMIT_NOFILE, &rl);
     }
     nclients = n;
+    pthread_condattr_t cattr;
+    pthread_condattr_init(&cattr);
+    pthread_condattr_setclock(&cattr, CLOCK_MONOTONIC);
+    pthread_cond_init(&bcv, &cattr);
+    pthread_condattr_destroy(&cattr);
     t0 = bench_now();
     struct th *ths = calloc((size_t)n, sizeof *ths);
     pthread_attr_t attr;

@@ -52,20 +52,21 @@ def main():
     for cpu, s, e, pid, comm in iv.spans:
         c = sched_trace.kind(pid, comm, loop, "cohortd pool")
         cores[c] = cores.get(c, 0.0) + sched_trace.clip(s, e, use)
-    states = {"on": 0.0, "runnable": 0.0, "asleep": 0.0}
-    for s, e, st in sched_trace.thread_states(events, iv.spans, loop):
+    states = {"on": 0.0, "runnable": 0.0, "asleep": 0.0, "unknown": 0.0}
+    for s, e, st in sched_trace.thread_states(events, iv, loop):
         states[st] += sched_trace.clip(s, e, use)
     told = sum(states.values())
+    ncpu = len({e[2] for e in events if e[0] == "s"})
 
     print("upload windows of rounds 2..%d: %.3f s; switches lost by the recording: %d, of "
           "which %d placed by a wakeup" % (max(wins), total, iv.breaks, iv.recovered))
-    print("loop thread: on a CPU %.3f s (%.0f %%), runnable %.3f s (%.0f %%), asleep %.3f s "
-          "(%.0f %%)" % (states["on"], 100 * states["on"] / total, states["runnable"],
-                         100 * states["runnable"] / total, states["asleep"],
-                         100 * states["asleep"] / total))
+    print("loop thread: " + ", ".join(
+        "%s %.3f s (%.0f %%)" % (k, states[k], 100 * states[k] / total)
+        for k in ("on", "runnable", "asleep", "unknown")) +
+        " (unknown: it ran for part of a stretch the recording lost)")
     if abs(told - total) > 0.01 * total:
         print("WARNING: the loop's states cover %.3f of %.3f s" % (told, total))
-    print("core-seconds (of %.3f): " % (2 * total) +
+    print("core-seconds (of %.3f on %d CPUs): " % (ncpu * total, ncpu) +
           ", ".join("%s %.3f" % (k, v) for k, v in sorted(cores.items())))
     print("windows ms: " + " ".join("%.0f" % ((w1 - w0) * 1e3) for w0, w1 in use))
     if not one or one not in wins:

@@ -9,8 +9,9 @@ whatever ran after idle on CPU 1 as idle. Here each CPU's time is checked for
 continuity instead: when a switch names as `prev` another task than the one switched
 in last, the switch in was lost. When the CPU was idle and the task had been woken onto
 it, it is taken to have started when it was woken (an idle CPU runs a woken task at
-once); otherwise (a task that came from another CPU's queue) the stretch is "unknown"
-and counted as such. Recording the wakeups costs: rounds run slower under it than
+once); otherwise the stretch is "unknown" and counted as such. On this VM the wakeups
+onto that CPU are mostly lost too, so few stretches are placed (36 of 3,189 in one
+recording): read "unknown" as time the recording cannot split. Recording the wakeups costs: rounds run slower under it than
 without, so take times from the benchmark and shares from here.
 """
 import re
@@ -41,11 +42,14 @@ def parse(lines):
 
 class Intervals:
     """What each CPU ran: `spans` is a list of (cpu, start, end, pid, comm), pid 0 for
-    idle and None for a stretch that cannot be told; `breaks` counts the lost switches,
-    `recovered` those whose start a wakeup gave."""
+    idle and None for a stretch that cannot be told; `unknown_ended_by` maps each such
+    stretch's (cpu, start, end) to the task that switched out at its end (it ran for
+    some unknown part of it); `breaks` counts the lost switches, `recovered` those whose
+    start a wakeup gave."""
 
     def __init__(self, events):
         self.spans, self.breaks, self.recovered = [], 0, 0
+        self.unknown_ended_by = {}
         cur = {}                    # cpu -> (since, pid, comm)
         woken = {}                  # cpu -> {pid: first wakeup time onto it since idle}
         for e in events:
@@ -68,14 +72,39 @@ class Intervals:
                         self.spans.append((cpu, w, t, ppid, pcomm))
                     else:
                         self.spans.append((cpu, since, t, None, "unknown"))
+                        self.unknown_ended_by[(cpu, since, t)] = ppid
             cur[cpu] = (t, npid, ncomm)
             woken.pop(cpu, None)
 
 
-def thread_states(events, spans, tid):
+def thread_states(events, iv, tid):
     """(start, end, state) for one thread between its first and last switch: "on" (on a
-    CPU, from `spans`), "runnable" (switched out preempted, or woken and not yet on a
-    CPU) or "asleep" (switched out to wait, not yet woken)."""
+    CPU, from the intervals), "runnable" (switched out preempted, or woken and not yet on
+    a CPU), "asleep" (switched out to wait, not yet woken) or "unknown" (an unknown
+    stretch of a CPU that ended with this thread switching out: it ran for part of it)."""
+    out = _thread_states(events, iv.spans, tid)
+    unk = sorted((s, e) for (_, s, e), who in iv.unknown_ended_by.items() if who == tid)
+    if not unk:
+        return out
+    res = []
+    for s, e, st in out:
+        if st == "on":
+            res.append((s, e, st))
+            continue
+        cur = s
+        for us, ue in unk:
+            if ue <= cur or us >= e:
+                continue
+            if us > cur:
+                res.append((cur, us, st))
+            res.append((max(us, cur), min(ue, e), "unknown"))
+            cur = min(ue, e)
+        if cur < e:
+            res.append((cur, e, st))
+    return res
+
+
+def _thread_states(events, spans, tid):
     on = sorted((s, e) for _, s, e, pid, _ in spans if pid == tid)
     outs = {}                       # switch-out time -> state letter
     wakes = []
