@@ -37,6 +37,7 @@
 #define CLOSE_GRACE_S 5.0
 
 static void process(struct conn *c);
+static void unlist_stream(struct conn *c);
 static int stream_step(struct conn *c, struct model_blob *b);
 
 const char *conn_label(const struct conn *c, char *buf, size_t len)
@@ -74,6 +75,7 @@ static void conn_free(struct conn *c)
     if (c->next)
         c->next->prev = c->prev;
     s->nconns--;
+    unlist_stream(c);
     upload_release(c);
     coh_wire_free(c->pending_begin);
     blob_unref(c->send_blob);
@@ -284,31 +286,141 @@ static int stream_step(struct conn *c, struct model_blob *b)
     return rc;
 }
 
-static void pump(struct conn *c)
+/* Streams c's model while its socket takes it, at most `budget` bytes of model
+ * data; returns the bytes sent. Corked while it writes record after record: the
+ * kernel sends full-size segments instead of one per 16 KiB record (fewer packets
+ * through loopback or the NIC, fewer wake-ups of the client); uncorking sends the
+ * rest at once. */
+static size_t stream_burst(struct conn *c, size_t budget)
 {
     struct model_blob *b = c->send_blob;
-    if (!b || c->state == CONN_CLOSING)
-        return;
-    /* Corked while it writes record after record: the kernel sends full-size
-     * segments instead of one per 16 KiB record (fewer packets through loopback or
-     * the NIC, fewer wake-ups of the client); uncorking sends the rest at once. */
+    size_t sent = 0;
     uv_os_fd_t fd = -1;
     int one = 1, zero = 0;
     if (uv_fileno((uv_handle_t *)&c->tcp, &fd) == 0)
         setsockopt(fd, IPPROTO_TCP, TCP_CORK, &one, sizeof one);
-    while (c->send_idx < b->nchunks && queued(c) < SEND_WINDOW && !c->write_err &&
-           !uv_is_closing((uv_handle_t *)&c->tcp)) {
+    while (sent < budget && c->send_idx < b->nchunks && queued(c) < SEND_WINDOW &&
+           !c->write_err && !uv_is_closing((uv_handle_t *)&c->tcp)) {
+        size_t before = c->send_idx * (size_t)b->chunk_bytes + c->send_off;
         if (stream_step(c, b) < 0) {
+            if (fd >= 0)
+                setsockopt(fd, IPPROTO_TCP, TCP_CORK, &zero, sizeof zero);
             conn_close(c, "TLS write failed while sending the model");
-            return;
+            return sent + 1;
         }
         conn_flush(c);
+        sent += c->send_idx * (size_t)b->chunk_bytes + c->send_off - before;
     }
     if (fd >= 0)
         setsockopt(fd, IPPROTO_TCP, TCP_CORK, &zero, sizeof zero);
-    if (c->send_idx >= b->nchunks) {
+    if (c->send_blob && c->send_idx >= b->nchunks) {
         blob_unref(b);
         c->send_blob = NULL;
+    }
+    return sent;
+}
+
+static int can_stream(const struct conn *c)
+{
+    return c->send_blob && c->state != CONN_CLOSING && queued(c) < SEND_WINDOW &&
+           !c->write_err && !c->handle_closed && !uv_is_closing((uv_handle_t *)&c->tcp);
+}
+
+static void unlist_stream(struct conn *c)
+{
+    if (c->stream_pos)
+        c->srv->streams[c->stream_pos - 1] = NULL;
+    c->stream_pos = 0;
+}
+
+/*
+ * Model streams run from an idle handle, at most STREAM_BUDGET bytes per turn of
+ * the loop, so the loop polls its sockets between bursts: uploads that arrive
+ * during a broadcast are read as they come instead of after every model has
+ * been written (with sockets whose buffers take a whole model, a broadcast was
+ * one burst of the whole round's encryption). Streams are served in the order
+ * they began and each as far as its socket takes it, so the first clients get
+ * their model soonest and their updates overlap the rest of the broadcast.
+ */
+#define STREAM_BUDGET (256u << 10)
+
+static void on_stream_idle(uv_idle_t *h)
+{
+    struct server *s = h->data;
+    size_t budget = STREAM_BUDGET, w = 0;
+    size_t i = 0;
+    for (; i < s->nstreams && budget > 0; i++) {
+        struct conn *c = s->streams[i];
+        if (c && !c->send_blob)
+            unlist_stream(c), c = NULL;
+        if (c && can_stream(c)) {
+            size_t n = stream_burst(c, budget);
+            budget = n < budget ? budget - n : 0;
+            c = s->streams[i]; /* only conn_free() clears an entry; it runs later */
+            if (c && !c->send_blob)
+                unlist_stream(c), c = NULL;
+        }
+        if (c) {
+            s->streams[w++] = c;
+            c->stream_pos = w;
+        }
+    }
+    /* Stopped on the budget: keep the rest as they are. */
+    for (; i < s->nstreams; i++) {
+        struct conn *c = s->streams[i];
+        if (c) {
+            s->streams[w++] = c;
+            c->stream_pos = w;
+        }
+    }
+    s->nstreams = w;
+    int more = 0;
+    for (i = 0; i < s->nstreams && !more; i++)
+        more = s->streams[i] && can_stream(s->streams[i]);
+    if (!more)
+        uv_idle_stop(h);
+}
+
+/* c has model data to stream and its socket may take it: let the idle handle run. */
+static void pump(struct conn *c)
+{
+    struct server *s = c->srv;
+    if (!c->send_blob || c->state == CONN_CLOSING)
+        return;
+    if (!c->stream_pos) {
+        if (s->nstreams == s->capstreams) {
+            size_t ncap = s->capstreams ? s->capstreams * 2 : 64;
+            struct conn **nl = realloc(s->streams, ncap * sizeof *nl);
+            if (!nl) {
+                conn_close(c, "out of memory for a model stream");
+                return;
+            }
+            s->streams = nl;
+            s->capstreams = ncap;
+        }
+        s->streams[s->nstreams++] = c;
+        c->stream_pos = s->nstreams;
+    }
+    if (!s->stream_idle_init) {
+        uv_idle_init(s->loop, &s->stream_idle);
+        s->stream_idle.data = s;
+        s->stream_idle_init = 1;
+    }
+    if (can_stream(c))
+        uv_idle_start(&s->stream_idle, on_stream_idle);
+}
+
+void conn_streams_fini(struct server *s)
+{
+    for (size_t i = 0; i < s->nstreams; i++)
+        if (s->streams[i])
+            s->streams[i]->stream_pos = 0;
+    free(s->streams);
+    s->streams = NULL;
+    s->nstreams = s->capstreams = 0;
+    if (s->stream_idle_init) {
+        uv_close((uv_handle_t *)&s->stream_idle, NULL);
+        s->stream_idle_init = 0;
     }
 }
 

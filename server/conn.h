@@ -78,6 +78,7 @@ struct conn {
     struct model_blob *send_blob; /* model being streamed, NULL when none */
     size_t send_idx;            /* chunk of send_blob being sent */
     size_t send_off;            /* its payload bytes sent; 0: header not sent yet */
+    size_t stream_pos;          /* 1 + its place in the server's stream list, 0: not listed */
 
     struct upload up;
     struct coh_xxh *up_xxh;     /* XXH3 of the upload so far (reset per upload) */
@@ -118,6 +119,8 @@ void conn_send_blob(struct conn *c, struct model_blob *b);
 /* Writes whatever is left of the model being streamed (rare: a new offer while
  * an old model is still downloading). */
 void conn_finish_blob(struct conn *c);
+/* Closes the stream scheduler's handle (server shutdown). */
+void conn_streams_fini(struct server *s);
 /* Closes after flushing what is queued (bounded by a grace period). */
 void conn_close(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Stops/starts reading (upload back-pressure). */

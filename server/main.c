@@ -268,6 +268,7 @@ static void on_exit_check(uv_timer_t *t)
     uv_close((uv_handle_t *)&s->sigterm, NULL);
     round_fini(s);
     gossip_fini(s);
+    conn_streams_fini(s);
 }
 
 void server_shutdown(struct server *s, int done, const char *reason)

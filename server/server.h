@@ -190,6 +190,11 @@ struct server {
     float **staging;            /* free staging buffers (model-sized), reused across uploads */
     size_t nstaging;
     size_t staging_numel;
+    /* Connections streaming a model, in the order the streams began (conn.c). */
+    struct conn **streams;
+    size_t nstreams, capstreams;
+    uv_idle_t stream_idle;
+    int stream_idle_init;
     struct conn **slot_waiters; /* connections waiting for an upload slot (FIFO) */
     size_t nwaiters, capwaiters;
 
