@@ -89,6 +89,9 @@ struct conn {
     uint8_t *direct_dst;
     uint64_t discard_round;     /* chunks of a refused upload for this round are dropped */
     Cohort__Envelope *pending_begin; /* UpdateBegin waiting for an upload slot */
+    double waiting_since;       /* when it began waiting (server_now) */
+    int wait_rcvbuf;            /* its socket's SO_RCVBUF then, 0: unknown */
+    int passed_over;            /* later uploads given a slot before it */
     int paused;
     int write_err;              /* libuv error of a failed write, 0: none */
     int evaluator;              /* Hello.role "evaluator": gets models to test, no rounds */

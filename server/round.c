@@ -10,6 +10,8 @@
 #include "round.h"
 
 #include <math.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <stdarg.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -91,6 +93,13 @@ static int verify_running;      /* sha256 checks on the pool (updates without XX
 static int compat_no_weights;
 static int finalize_running;
 static uv_timer_t grant_timer;
+/* How long a free slot may wait for an upload that has arrived before it goes to
+ * the one furthest along; and how many later uploads may go before a waiting one,
+ * so a slow sender is not passed over for good by a stream of fast ones. */
+#define GRANT_PATIENCE_MS 20
+#define GRANT_MAX_PASSES 32
+#define STR_(x) #x
+#define STR(x) STR_(x)
 /* After the last round: how long evaluators get to report on the final model. */
 #define FINAL_EVAL_WAIT_MS 30000
 static uv_timer_t final_eval_timer;
@@ -120,18 +129,80 @@ static const char *phase_name(int p)
     return p >= 0 && p <= PHASE_DONE ? n[p] : "?";
 }
 
+/* Which waiter gets a free upload slot: the oldest, whatever it has sent, once
+ * GRANT_MAX_PASSES later ones went before it. Otherwise the longest
+ * waiting whose upload has arrived: all of it here (in its socket's receive buffer,
+ * or read and not yet used), or a quarter of that buffer (its sender is then held
+ * back by TCP flow control, i.e. waits for us). Such an upload goes through at the
+ * loop's speed and frees the slot soon; a slot given to a client still sending
+ * holds a staging buffer for as long as that client takes, while uploads that
+ * arrived whole wait behind it. -1 when none qualifies; *most is then the waiter
+ * furthest along. *why says which rule chose. */
+#define GRANT_SCAN 64
+static long pick_waiter(struct server *s, size_t *most, const char **why)
+{
+    size_t n = s->nwaiters < GRANT_SCAN ? s->nwaiters : GRANT_SCAN, best_have = 0;
+    *most = 0;
+    *why = "it waited longest, passed over " STR(GRANT_MAX_PASSES) " times";
+    if (s->slot_waiters[0]->passed_over >= GRANT_MAX_PASSES)
+        return 0;
+    *why = "its upload has arrived";
+    for (size_t i = 0; i < n; i++) {
+        struct conn *c = s->slot_waiters[i];
+        if (c->state == CONN_CLOSING || !c->pending_begin)
+            return (long)i;
+        size_t have = connio_in_pending(c) + coh_frame_rx_pending(&c->rx);
+        uv_os_fd_t fd;
+        int queued = 0;
+        if (uv_fileno((uv_handle_t *)&c->tcp, &fd) == 0 && ioctl(fd, FIONREAD, &queued) == 0 &&
+            queued > 0)
+            have += (size_t)queued;
+        const Cohort__UpdateBegin *b = c->pending_begin->update_begin;
+        if (have >= b->total_bytes || (c->wait_rcvbuf > 0 && have >= (size_t)c->wait_rcvbuf / 4))
+            return (long)i;
+        if (have > best_have) {
+            *most = i;
+            best_have = have;
+        }
+    }
+    *why = "none had arrived after " STR(GRANT_PATIENCE_MS) " ms; it was furthest along";
+    return -1;
+}
+
 static void on_grant(uv_timer_t *t)
 {
     struct server *s = t->data;
     while (s->nwaiters > 0 && s->cur.uploads_active < s->cfg.max_uploads) {
-        struct conn *c = s->slot_waiters[0];
-        memmove(s->slot_waiters, s->slot_waiters + 1, (s->nwaiters - 1) * sizeof *s->slot_waiters);
+        size_t most;
+        const char *why;
+        long pick = pick_waiter(s, &most, &why);
+        if (pick < 0) {
+            /* Nothing has arrived yet: look again shortly, and after GRANT_PATIENCE_MS
+             * give the slot to the upload furthest along. */
+            double waited = server_now(s) - s->slot_waiters[0]->waiting_since;
+            if (waited < GRANT_PATIENCE_MS / 1000.0) {
+                uv_timer_start(&grant_timer, on_grant, 1, 0);
+                return;
+            }
+            pick = (long)most;
+        }
+        for (long i = 0; i < pick; i++)
+            s->slot_waiters[i]->passed_over++;
+        struct conn *c = s->slot_waiters[pick];
+        memmove(s->slot_waiters + pick, s->slot_waiters + pick + 1,
+                (s->nwaiters - (size_t)pick - 1) * sizeof *s->slot_waiters);
         s->nwaiters--;
         Cohort__Envelope *e = c->pending_begin;
         c->pending_begin = NULL;
         if (c->state == CONN_CLOSING) {
             coh_wire_free(e);
             continue;
+        }
+        if (COH_LOG_DEBUG <= coh_log_level_max) {
+            char label[400];
+            coh_debug("round", "%s: upload slot after %.0f ms: %s",
+                      conn_label(c, label, sizeof label),
+                      (server_now(s) - c->waiting_since) * 1e3, why);
         }
         if (!round_on_begin(s, c, e))
             coh_wire_free(e);
@@ -637,6 +708,14 @@ int round_on_begin(struct server *s, struct conn *c, Cohort__Envelope *e)
             s->capwaiters = ncap;
         }
         s->slot_waiters[s->nwaiters++] = c;
+        c->waiting_since = server_now(s);
+        c->passed_over = 0;
+        /* Taken once: a paused socket's receive buffer does not grow. */
+        uv_os_fd_t fd;
+        socklen_t len = sizeof c->wait_rcvbuf;
+        if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0 ||
+            getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &c->wait_rcvbuf, &len) < 0)
+            c->wait_rcvbuf = 0;
         c->pending_begin = e;
         conn_pause(c);
         return 1;

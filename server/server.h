@@ -195,7 +195,7 @@ struct server {
     size_t nstreams, capstreams;
     uv_idle_t stream_idle;
     int stream_idle_init;
-    struct conn **slot_waiters; /* connections waiting for an upload slot (FIFO) */
+    struct conn **slot_waiters; /* connections waiting for an upload slot, oldest first */
     size_t nwaiters, capwaiters;
 
     char **allowed;             /* sorted allow-list, NULL: every CA-signed client */

@@ -56,6 +56,11 @@
  *                 mid-handshake, some reset; then a probe (TLS + Hello version 99) must
  *                 still get Error EVERSION
  *   honest        a correct update: ack accepted (checks this program's encoders)
+ *   trickle       an honest update sent slowly: UpdateBegin (after --send-delay-ms) and a
+ *                 few KiB at once, the rest in 20 pieces spread over --count ms, then
+ *                 UpdateEnd; PASS on an ack. Prints "trickle begin t=S" and "trickle acked
+ *                 t=S" (CLOCK_MONOTONIC seconds, comparable between processes), so a test
+ *                 can tell in which order cohortd took uploads.
  *   offersums     takes the offer and the model: PASS when the model matches the offer's
  *                 XXH3 and the offer has a matching model_sha256 without --accepts-xxh3,
  *                 none with it (the server then never hashes the model with SHA-256)
@@ -895,6 +900,36 @@ static int mode_midupload(struct h *h)
     return verdict(ok, "expected the server to close, without an Error or ack");
 }
 
+static int mode_trickle(struct h *h)
+{
+    if (join_round(h) < 0)
+        return verdict(0, "no round");
+    const struct layout *l = update_layout(h);
+    float *v = pattern(l->numel, 1);
+    struct buf b = {0};
+    buf_update(&b, h->offer_round, l, v, l->numel, h->o->examples, 0);
+    free(v);
+    if (h->o->send_delay_ms > 0)
+        pump(h, h->o->send_delay_ms, NULL);
+    size_t first = b.n < 4096 ? b.n : 4096, pieces = 20;
+    say("trickle begin t=%.6f", now_s());
+    int rc = send_raw(h, b.p, first);
+    for (size_t k = 0; k < pieces && rc == 0; k++) {
+        size_t lo = first + (b.n - first) * k / pieces, hi = first + (b.n - first) * (k + 1) / pieces;
+        pump(h, (int)(h->o->count / (long)pieces), NULL);
+        rc = send_raw(h, b.p + lo, hi - lo);
+    }
+    free(b.p);
+    if (rc < 0)
+        return verdict(0, "the update could not be sent");
+    say("trickle sent t=%.6f", now_s());
+    pump(h, h->o->timeout_ms, got_ack);
+    if (h->acks_accepted == 1)
+        say("trickle acked t=%.6f", now_s());
+    return verdict(h->acks_accepted == 1 && h->nerr == 0, "expected UpdateAck accepted and no "
+                   "Error");
+}
+
 /* Sends one update after the model arrived, built by the mode, and waits for errors. */
 static int mode_update(struct h *h, int code, const char *what)
 {
@@ -1259,6 +1294,8 @@ int main(int argc, char **argv)
         rc = mode_slowread(&h);
     else if (!strcmp(m, "offersums"))
         rc = mode_offersums(&h);
+    else if (!strcmp(m, "trickle"))
+        rc = mode_trickle(&h);
     else if (!strcmp(m, "burst"))
         rc = mode_burst(&h);
     else
