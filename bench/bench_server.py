@@ -358,6 +358,13 @@ def sched_phases(tag, rec, data, lc_stdout, server_pid):
         f.write("# scheduler view of %s (bench/sched_phases.py)\n\n" % tag)
         f.write(ph.stdout if ph.returncode == 0 and ph.stdout else
                 "sched_phases.py failed: %s %s\n" % (ph.stderr[-500:], ps.stderr[-300:]))
+    tl = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                         "round_timeline.py"), lc_out, "--server-pid", str(server_pid)],
+                        input=ps.stdout, capture_output=True, text=True)
+    with open(os.path.join(SCHED_DIR, "timeline-%s.md" % tag), "w") as f:
+        f.write("# round timelines of %s (bench/round_timeline.py)\n\n" % tag)
+        f.write(tl.stdout if tl.returncode == 0 and tl.stdout else
+                "round_timeline.py failed: %s\n" % tl.stderr[-500:])
 
 
 def rss_parts(pid):
@@ -719,8 +726,17 @@ def bench_round(b, quick):
             l1 = loop_cpu.at(t0m + per[1]["t_result"]) if t0m else None
             lr = loop_cpu.at(t0m + per[rounds]["t_result"]) if t0m else None
             loop_round = (lr - l1) / (rounds - 1) if l1 is not None and lr is not None else None
+            # How soon the first update is taken once the first client has the model:
+            # while cohortd writes the broadcast, uploads wait unless it reads between.
+            first_ack = [per[k]["t_first_ack"] - per[k]["t_first_train"]
+                         for k in range(2, rounds + 1) if per[k].get("t_first_ack")]
             fl_t, fl_rss = FLOWER.get((n, p), (None, None))
-            extra = {"server_duration_median_s": round(statistics.median(srv), 4) if srv else None,
+            extra = {"first_ack_after_first_model_ms":
+                     round(statistics.median(first_ack) * 1e3, 1) if first_ack else None,
+                     "last_ack_after_last_model_ms":
+                     round(statistics.median(per[k]["t_last_ack"] - per[k]["t_last_train"]
+                                             for k in range(2, rounds + 1)) * 1e3, 1),
+                     "server_duration_median_s": round(statistics.median(srv), 4) if srv else None,
                      "rounds_s": [round(t, 4) for t in times],
                      "server_cpu_s": round(proc.cpu_s, 2), "clients_cpu_s": round(clients_cpu, 2),
                      "run_wall_s": round(wall, 2),
@@ -978,7 +994,8 @@ def main():
     ap.add_argument("--sched", help="round: record the scheduler (perf sched_switch, all CPUs) "
                     "during the clients' run and write sched-TAG.md into this directory: "
                     "per round phase, the core-ms of cohortd's loop, its pool, the clients "
-                    "and idle (bench/sched_phases.py)")
+                    "and idle (bench/sched_phases.py); and timeline-TAG.md: each round "
+                    "step by step (bench/round_timeline.py)")
     ap.add_argument("--only", help="only the points whose tag contains this (e.g. 10-10000000)")
     ap.add_argument("--out", help="append JSON lines here (default BUILD/bench/results.jsonl)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")

@@ -40,10 +40,14 @@
 #define MAX_ROUNDS 64
 
 struct rt {
-    double first_train, last_train, last_ack, first_result;
+    double first_train, last_train, first_ack, last_ack, first_result;
     double release;        /* --upload-barrier: when the last client had the model */
     double busy_at_result; /* the host's CPU seconds (bench_host_busy_s) at first_result */
     int acks, refused;
+    /* Every client's model-received and UpdateAck times, for round timelines
+     * (bench/round_timeline.py); allocated for nclients in main. */
+    double *t_models, *t_acks;
+    int nmodels, nacks;
 };
 
 static struct rt rts[MAX_ROUNDS + 1];
@@ -106,6 +110,10 @@ static void on_event(const struct cohort_event *ev, void *user)
     } else if (ev->kind == COHORT_EV_UPDATE_ACK) {
         if (ev->err == 0) {
             r->acks++;
+            if (r->first_ack == 0 || now < r->first_ack)
+                r->first_ack = now;
+            if (r->t_acks && r->nacks < nclients)
+                r->t_acks[r->nacks++] = now;
             if (now > r->last_ack)
                 r->last_ack = now;
         } else {
@@ -113,6 +121,14 @@ static void on_event(const struct cohort_event *ev, void *user)
         }
     }
     pthread_mutex_unlock(&mu);
+}
+
+static void print_times(const char *key, const double *t, int n)
+{
+    printf(", \"%s\": [", key);
+    for (int i = 0; i < n; i++)
+        printf("%s%.6f", i ? ", " : "", t[i]);
+    printf("]");
 }
 
 static int train_body(struct cohort_round *r)
@@ -125,6 +141,8 @@ static int train_body(struct cohort_round *r)
             t->first_train = now;
         if (now > t->last_train)
             t->last_train = now;
+        if (t->t_models && t->nmodels < nclients)
+            t->t_models[t->nmodels++] = now;
         pthread_mutex_unlock(&mu);
     }
     if (inplace) {
@@ -250,6 +268,10 @@ int main(int argc, char **argv)
         setrlimit(RLIMIT_NOFILE, &rl);
     }
     nclients = n;
+    for (int r = 0; r <= MAX_ROUNDS; r++) {
+        rts[r].t_models = calloc((size_t)n, sizeof(double));
+        rts[r].t_acks = calloc((size_t)n, sizeof(double));
+    }
     pthread_condattr_t cattr;
     pthread_condattr_init(&cattr);
     pthread_condattr_setclock(&cattr, CLOCK_MONOTONIC);
@@ -299,11 +321,14 @@ int main(int argc, char **argv)
             continue;
         printf("{\"name\": \"lc_round\", \"params\": {\"N\": %d, \"P\": %zu, \"round\": %d}, "
                "\"acks\": %d, \"refused\": %d, \"t_first_train\": %.6f, \"t_last_train\": %.6f, "
-               "\"t_last_ack\": %.6f, \"t_result\": %.6f, \"host_busy_s\": %.3f",
+               "\"t_first_ack\": %.6f, \"t_last_ack\": %.6f, \"t_result\": %.6f, "
+               "\"host_busy_s\": %.3f",
                n, shared_numel, r, x->acks, x->refused, x->first_train, x->last_train,
-               x->last_ack, x->first_result, x->busy_at_result);
+               x->first_ack, x->last_ack, x->first_result, x->busy_at_result);
         if (upload_barrier)
             printf(", \"t_release\": %.6f", x->release);
+        print_times("t_models", x->t_models, x->nmodels);
+        print_times("t_acks", x->t_acks, x->nacks);
         printf("}\n");
     }
     printf("{\"name\": \"lc_summary\", \"params\": {\"N\": %d, \"mode\": \"%s\"}, \"failed\": %d, "
