@@ -94,9 +94,10 @@ static int compat_no_weights;
 static int finalize_running;
 static uv_timer_t grant_timer;
 /* How long a free slot may wait for an upload that has arrived before it goes to
- * the one furthest along; and how many later uploads may go before a waiting one,
+ * the one furthest along (a slot kept free is a loop not reading); and how many later uploads may go before a waiting one,
  * so a slow sender is not passed over for good by a stream of fast ones. */
-#define GRANT_PATIENCE_MS 20
+#define GRANT_PATIENCE_MS 2
+static double grant_free_since; /* a slot has been free since then, none arrived; 0: none */
 #define GRANT_MAX_PASSES 32
 #define STR_(x) #x
 #define STR(x) STR_(x)
@@ -177,15 +178,18 @@ static void on_grant(uv_timer_t *t)
         const char *why;
         long pick = pick_waiter(s, &most, &why);
         if (pick < 0) {
-            /* Nothing has arrived yet: look again shortly, and after GRANT_PATIENCE_MS
-             * give the slot to the upload furthest along. */
-            double waited = server_now(s) - s->slot_waiters[0]->waiting_since;
-            if (waited < GRANT_PATIENCE_MS / 1000.0) {
+            /* Nothing has arrived yet: look again shortly, and once the slot has
+             * been free GRANT_PATIENCE_MS give it to the upload furthest along. */
+            double now = server_now(s);
+            if (grant_free_since == 0)
+                grant_free_since = now;
+            if (now - grant_free_since < GRANT_PATIENCE_MS / 1000.0) {
                 uv_timer_start(&grant_timer, on_grant, 1, 0);
                 return;
             }
             pick = (long)most;
         }
+        grant_free_since = 0;
         for (long i = 0; i < pick; i++)
             s->slot_waiters[i]->passed_over++;
         struct conn *c = s->slot_waiters[pick];
@@ -209,6 +213,7 @@ static void on_grant(uv_timer_t *t)
         if (!c->pending_begin)
             conn_resume(c);
     }
+    grant_free_since = 0;
 }
 
 int round_init(struct server *s)
