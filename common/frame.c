@@ -116,6 +116,26 @@ int coh_frame_next(struct coh_frame_rx *rx, const uint8_t **frame, size_t *len)
     return 1;
 }
 
+void coh_frame_rx_shrink(struct coh_frame_rx *rx)
+{
+    size_t have = rx->end - rx->start;
+    if (have == 0) {
+        coh_frame_rx_trim(rx, 0);
+        return;
+    }
+    if (rx->cap == have)
+        return;
+    if (rx->start > 0)
+        memmove(rx->buf, rx->buf + rx->start, have);
+    rx->start = 0;
+    rx->end = have;
+    uint8_t *nb = realloc(rx->buf, have);
+    if (nb) { /* a failed shrink keeps the larger buffer, which still holds the bytes */
+        rx->buf = nb;
+        rx->cap = have;
+    }
+}
+
 void coh_frame_rx_trim(struct coh_frame_rx *rx, size_t keep)
 {
     if (rx->start == rx->end && rx->cap > keep) {

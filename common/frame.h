@@ -50,6 +50,10 @@ int coh_frame_next(struct coh_frame_rx *rx, const uint8_t **frame, size_t *len);
  * Invalidates any frame pointer returned earlier. */
 void coh_frame_rx_trim(struct coh_frame_rx *rx, size_t keep);
 
+/* Shrinks the buffer to the bytes pending (none: frees it), for a connection that
+ * stops reading for a while with part of a frame held. Invalidates frame pointers. */
+void coh_frame_rx_shrink(struct coh_frame_rx *rx);
+
 /* Bytes received but not yet returned as frames. */
 size_t coh_frame_rx_pending(const struct coh_frame_rx *rx);
 

@@ -764,6 +764,11 @@ static void process(struct conn *c)
         conn_flush(c);
         if (!c->paused)
             coh_frame_rx_trim(&c->rx, 0);
+        else
+            /* Waiting for an upload slot may take a while, and at N = 1000 most
+             * connections wait at once: keep only the bytes of the update already
+             * decrypted, not the 32 KiB buffer they came in (16-28 KiB each). */
+            coh_frame_rx_shrink(&c->rx);
         /* Slow senders (one byte a second) keep a connection "active" forever; a
          * frame or TLS record that stays incomplete too long closes it instead. */
         int partial = coh_frame_rx_pending(&c->rx) > 0 || connio_in_pending(c) > 0 ||

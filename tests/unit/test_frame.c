@@ -66,6 +66,42 @@ static void test_merged_frames(void **state)
     coh_frame_rx_fini(&rx);
 }
 
+/* A paused connection keeps only its pending bytes; the stream goes on after. */
+static void test_shrink_keeps_pending(void **state)
+{
+    struct coh_frame_rx rx;
+    coh_frame_rx_init(&rx, 1 << 20);
+    uint8_t buf[20000];
+    size_t n = make_frame(buf, "begin");
+    size_t big = 16000;
+    coh_frame_put_len(buf + n, (uint32_t)big);
+    for (size_t i = 0; i < big; i++)
+        buf[n + 4 + i] = (uint8_t)(i * 7);
+    size_t cut = n + 4 + 6000; /* "begin" whole, then 6000 bytes of the big frame */
+    uint8_t *p;
+    size_t avail;
+    assert_int_equal(coh_frame_rx_space(&rx, 16384, &p, &avail), 0);
+    assert_true(avail >= cut);
+    memcpy(p, buf, cut);
+    coh_frame_rx_commit(&rx, cut);
+    const uint8_t *f;
+    size_t len;
+    assert_int_equal(coh_frame_next(&rx, &f, &len), 1);
+    assert_memory_equal(f, "begin", 5);
+    assert_true(rx.cap > cut);
+    coh_frame_rx_shrink(&rx);
+    assert_int_equal(rx.cap, cut - n);
+    assert_int_equal(coh_frame_rx_pending(&rx), cut - n);
+    assert_int_equal(coh_frame_rx_feed(&rx, buf + cut, n + 4 + big - cut), 0);
+    assert_int_equal(coh_frame_next(&rx, &f, &len), 1);
+    assert_int_equal(len, big);
+    assert_memory_equal(f, buf + n + 4, big);
+    coh_frame_rx_shrink(&rx); /* nothing pending: the buffer goes */
+    assert_null(rx.buf);
+    assert_int_equal(rx.cap, 0);
+    coh_frame_rx_fini(&rx);
+}
+
 static void test_oversized_rejected_before_allocation(void **state)
 {
     struct coh_frame_rx rx;
@@ -236,6 +272,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_split_byte_by_byte),
         cmocka_unit_test(test_merged_frames),
+        cmocka_unit_test(test_shrink_keeps_pending),
         cmocka_unit_test(test_oversized_rejected_before_allocation),
         cmocka_unit_test(test_chunk_roundtrip_fast_and_generic),
         cmocka_unit_test(test_non_chunk_and_garbage),
