@@ -93,11 +93,8 @@ static int verify_running;      /* sha256 checks on the pool (updates without XX
 static int compat_no_weights;
 static int finalize_running;
 static uv_timer_t grant_timer;
-/* How long a free slot may wait for an upload that has arrived before it goes to
- * the one furthest along (a slot kept free is a loop not reading); and how many later uploads may go before a waiting one,
- * so a slow sender is not passed over for good by a stream of fast ones. */
-#define GRANT_PATIENCE_MS 2
-static double grant_free_since; /* a slot has been free since then, none arrived; 0: none */
+/* How many later uploads may go before a waiting one, so a slow sender is not
+ * passed over for good by a stream of fast ones. */
 #define GRANT_MAX_PASSES 32
 #define STR_(x) #x
 #define STR(x) STR_(x)
@@ -166,7 +163,7 @@ static long pick_waiter(struct server *s, size_t *most, const char **why)
             best_have = have;
         }
     }
-    *why = "none had arrived after " STR(GRANT_PATIENCE_MS) " ms; it was furthest along";
+    *why = "none had arrived; it was furthest along";
     return -1;
 }
 
@@ -177,19 +174,8 @@ static void on_grant(uv_timer_t *t)
         size_t most;
         const char *why;
         long pick = pick_waiter(s, &most, &why);
-        if (pick < 0) {
-            /* Nothing has arrived yet: look again shortly, and once the slot has
-             * been free GRANT_PATIENCE_MS give it to the upload furthest along. */
-            double now = server_now(s);
-            if (grant_free_since == 0)
-                grant_free_since = now;
-            if (now - grant_free_since < GRANT_PATIENCE_MS / 1000.0) {
-                uv_timer_start(&grant_timer, on_grant, 1, 0);
-                return;
-            }
-            pick = (long)most;
-        }
-        grant_free_since = 0;
+        if (pick < 0)
+            pick = (long)most; /* none has arrived: the one furthest along */
         for (long i = 0; i < pick; i++)
             s->slot_waiters[i]->passed_over++;
         struct conn *c = s->slot_waiters[pick];
@@ -213,7 +199,6 @@ static void on_grant(uv_timer_t *t)
         if (!c->pending_begin)
             conn_resume(c);
     }
-    grant_free_since = 0;
 }
 
 int round_init(struct server *s)
