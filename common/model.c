@@ -2,11 +2,16 @@
 #include "model.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cohort_err.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 void coh_model_init(struct coh_model *m)
 {
@@ -127,22 +132,52 @@ const struct coh_tensor *coh_model_find(const struct coh_model *m, const char *n
 
 size_t coh_first_nonfinite(const float *p, size_t n)
 {
-    /* Inf and NaN are the floats whose exponent bits are all ones. Blocks of 64
-     * are tested with integer compares and an OR, which gcc vectorizes at -O2
-     * (a fixed trip count); isfinite() per element ran at 7 GB/s here. */
+    /* Inf and NaN are the floats whose exponent bits are all ones; blocks of
+     * 1024 go through coh_abs_bound_bits (75 GB/s in cache here, against 7 GB/s
+     * for isfinite() per element and 26 for an OR of compares), and only a block
+     * that holds one is searched element by element. */
     size_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        uint32_t bits[64], bad = 0;
-        memcpy(bits, p + i, sizeof bits);
-        for (int k = 0; k < 64; k++)
-            bad |= (uint32_t)((bits[k] & 0x7f800000u) == 0x7f800000u);
-        if (bad)
+    for (; i + 1024 <= n; i += 1024)
+        if (coh_abs_bound_bits(p + i, 1024) >= COH_NONFINITE_BITS)
             break;
-    }
     for (; i < n; i++)
         if (!isfinite(p[i]))
             return i;
     return n;
+}
+
+uint32_t coh_abs_bound_bits(const float *p, size_t n)
+{
+    /* The high half of |x|'s bits (exponent and 7 bits of mantissa) orders the
+     * magnitudes to within 2^-7, and is non-negative as an int16: SSE2's signed
+     * 16-bit max takes it, two instructions per four floats. An exact 32-bit
+     * unsigned max needs SSE4.1; built for baseline x86-64, gcc emulated it at
+     * 10 GB/s, under half the speed of the NaN/Inf test it replaces. */
+    uint32_t hi = 0;
+    size_t i = 0;
+#if defined(__SSE2__)
+    const __m128i mask = _mm_set1_epi32(0x7fff0000);
+    __m128i m0 = _mm_setzero_si128(), m1 = m0, m2 = m0, m3 = m0;
+    for (; i + 16 <= n; i += 16) {
+        const __m128i *q = (const __m128i *)(const void *)(p + i);
+        m0 = _mm_max_epi16(m0, _mm_and_si128(_mm_loadu_si128(q), mask));
+        m1 = _mm_max_epi16(m1, _mm_and_si128(_mm_loadu_si128(q + 1), mask));
+        m2 = _mm_max_epi16(m2, _mm_and_si128(_mm_loadu_si128(q + 2), mask));
+        m3 = _mm_max_epi16(m3, _mm_and_si128(_mm_loadu_si128(q + 3), mask));
+    }
+    m0 = _mm_max_epi16(_mm_max_epi16(m0, m1), _mm_max_epi16(m2, m3));
+    uint16_t lanes[8];
+    _mm_storeu_si128((__m128i *)(void *)lanes, m0);
+    for (int k = 0; k < 8; k++)
+        hi = lanes[k] > hi ? lanes[k] : hi; /* the low halves were masked to 0 */
+#endif
+    for (; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, p + i, sizeof b);
+        b = (b >> 16) & 0x7fffu;
+        hi = b > hi ? b : hi;
+    }
+    return n ? hi << 16 | 0xffffu : 0;
 }
 
 int coh_model_all_finite(const struct coh_model *m)

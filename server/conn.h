@@ -42,6 +42,7 @@ struct upload {
     double started;             /* loop seconds, for the upload deadline */
     uint64_t received;
     uint64_t checked;           /* bytes tested finite and hashed (upload_absorb) */
+    uint32_t maxabs;            /* bound on |x| of the floats checked so far (coh_abs_bound_bits) */
     int weights;                /* UpdateBegin.weights: trained model, not a difference */
     float *buf;
 };

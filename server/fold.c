@@ -1,7 +1,10 @@
 /* Streaming folds on OpenBLAS; see fold.h. Runs on thread-pool workers. */
 #include "fold.h"
 
+#include "model.h"
+
 #include <cblas.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
@@ -46,12 +49,16 @@ void fold_apply_into(float *acc, const float *x, size_t n, float scale)
     }
 }
 
-void fold_weights_to_delta(float *u, const float *x, size_t n)
+uint32_t fold_weights_to_delta(float *u, const float *x, size_t n)
 {
+    uint32_t mx = 0;
     for (size_t i = 0; i < n; i += FOLD_BLOCK) {
         int k = (int)(n - i < FOLD_BLOCK ? n - i : FOLD_BLOCK);
         cblas_saxpy(k, -1.0f, x + i, 1, u + i, 1);
+        uint32_t b = coh_abs_bound_bits(u + i, (size_t)k); /* the block is in cache */
+        mx = b > mx ? b : mx;
     }
+    return mx;
 }
 
 /* Blocks of 64 are tested with integer compares on the exponent bits and an
@@ -87,5 +94,34 @@ size_t fold_first_overflow(const float *acc, const float *delta, size_t n, float
         if (!isfinite(x))
             return i;
     }
+    return n;
+}
+
+/* Half of FLT_MAX: far from where rounding could matter. */
+#define FOLD_SAFE ((double)FLT_MAX / 2)
+
+size_t fold_checked(float *acc, const float *delta, size_t n, float w, int first,
+                    uint32_t dmax_bits, double *bound)
+{
+    double b = INFINITY;
+    if (dmax_bits < COH_NONFINITE_BITS) {
+        float dmax;
+        memcpy(&dmax, &dmax_bits, sizeof dmax);
+        /* Each element is within (A + |w| D)(1 + u)^2, u = 2^-24: one rounding
+         * of the product, one of the sum (none more with an FMA). */
+        b = ((first ? 0.0 : *bound) + fabs((double)w) * (double)dmax) * (1.0 + 1e-6);
+        if (!(b <= FOLD_SAFE))
+            b = INFINITY;
+    }
+    if (isinf(b)) {
+        size_t bad = fold_first_overflow(acc, delta, n, w, first);
+        if (bad < n)
+            return bad;
+    }
+    if (first)
+        fold_set(acc, delta, n, w);
+    else
+        fold_accumulate(acc, delta, n, w);
+    *bound = b;
     return n;
 }

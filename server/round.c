@@ -44,6 +44,8 @@ struct fold_job {
     float weight;
     float *acc;
     int first;                  /* the round's first fold: sets acc instead of adding */
+    uint32_t dmax_bits;         /* max |delta| as bits, from upload_absorb */
+    double *acc_bound;          /* the round's, read and written by one fold at a time */
     int weights;                /* delta holds trained weights: subtract global first */
     double fold_s;              /* time the fold took (pool thread) */
     /* Variance correction: Var(x + delta) per eligible tensor, computed while the
@@ -762,13 +764,17 @@ static int upload_absorb(struct server *s, struct conn *c)
         return 0;
     const float *f = u->buf + u->checked / 4;
     size_t n = (size_t)(to - u->checked) / 4;
-    size_t bad = coh_first_nonfinite(f, n);
-    if (bad < n) {
+    /* The largest magnitude finds NaN and Inf, and lets the fold skip its
+     * overflow check when the sum stays far from overflowing (fold_checked). */
+    uint32_t mx = coh_abs_bound_bits(f, n);
+    if (mx >= COH_NONFINITE_BITS) {
         reject(s, c, find_part(s, c->client_id), COHORT_ENONFINITE,
                "update contains NaN or Inf (element %llu)",
-               (unsigned long long)(u->checked / 4 + bad));
+               (unsigned long long)(u->checked / 4 + coh_first_nonfinite(f, n)));
         return -1;
     }
+    if (mx > u->maxabs)
+        u->maxabs = mx;
     coh_xxh_update(c->up_xxh, f, n * 4);
     u->checked = to;
     return 0;
@@ -823,19 +829,16 @@ static void fold_work(uv_work_t *req)
     struct fold_job *j = req->data;
     double t0 = metrics_now();
     if (j->weights)
-        fold_weights_to_delta(j->delta, j->global->data, j->n);
+        j->dmax_bits = fold_weights_to_delta(j->delta, j->global->data, j->n);
     /* Finite values can still overflow once weighted and summed (a delta of 1e30
      * from a client claiming 1e10 examples): such an update is refused before it
      * touches the sum, so one client cannot break the round or stop the server. */
-    j->bad_index = fold_first_overflow(j->acc, j->delta, j->n, j->weight, j->first);
+    j->bad_index = fold_checked(j->acc, j->delta, j->n, j->weight, j->first, j->dmax_bits,
+                                j->acc_bound);
     if (j->bad_index < j->n) {
         j->verdict = COHORT_ENONFINITE;
         return;
     }
-    if (j->first)
-        fold_set(j->acc, j->delta, j->n, j->weight);
-    else
-        fold_accumulate(j->acc, j->delta, j->n, j->weight);
     if (j->vars) {
         const struct coh_model *g = j->global;
         for (size_t t = 0; t < g->ntensors; t++) {
@@ -1041,6 +1044,8 @@ void round_on_end(struct server *s, struct conn *c, const Cohort__UpdateEnd *m)
     j->n = s->global.numel;
     j->weight = (float)w;
     j->acc = s->cur.acc;
+    j->acc_bound = &s->cur.acc_bound;
+    j->dmax_bits = u->maxabs;
     j->weights = u->weights;
     j->global = &s->global; /* read-only until the round's finalize */
     if (s->cfg.variance_correction) {

@@ -161,6 +161,7 @@ struct round {
     float *acc;                 /* sum of raw_weight * delta; becomes the next model */
     size_t acc_numel;
     uint32_t acc_folds;         /* folds started this round (the first sets acc) */
+    double acc_bound;           /* bound on max |acc| (fold_checked); fold jobs only */
     double *vc_var_sum;         /* per tensor: sum over accepted updates of Var(x + delta) */
     const char *close_reason;
 };

@@ -221,6 +221,83 @@ static void test_fold_first_overflow(void **state)
     assert_int_equal(fold_first_overflow(acc, d, N, 1.0f, 0), 7);
 }
 
+/* The bound lets ordinary folds skip the element-by-element check and sends
+ * folds near overflow through it: the result is the same as checking each. */
+static void test_fold_checked(void **state)
+{
+    (void)state;
+    enum { N = 300 };
+    float acc[N], d[N], ref[N];
+    for (int i = 0; i < N; i++) {
+        acc[i] = NAN; /* the first fold must not read it */
+        d[i] = (i % 2 ? -0.5f : 0.5f) * (float)(i % 7);
+    }
+    double bound = NAN;
+    uint32_t dmax = coh_abs_bound_bits(d, N);
+    assert_int_equal(fold_checked(acc, d, N, 4.0f, 1, dmax, &bound), N);
+    assert_true(isfinite(bound) && bound >= 12.0); /* max |4 d| = 12; no check was run */
+    for (int i = 0; i < N; i++)
+        ref[i] = 4.0f * d[i];
+    assert_memory_equal(acc, ref, sizeof acc);
+    assert_int_equal(fold_checked(acc, d, N, 2.0f, 0, dmax, &bound), N);
+    assert_true(isfinite(bound) && bound >= 18.0);
+    for (int i = 0; i < N; i++)
+        ref[i] += 2.0f * d[i];
+    for (int i = 0; i < N; i++)
+        assert_true(fabsf(acc[i] - ref[i]) <= 1e-5f);
+
+    /* Near the top: 1e38 per fold, three folds still finite, the fourth not. Once
+     * the bound cannot show the sum finite every fold is checked, and the one
+     * that would overflow is refused with nothing written. */
+    for (int i = 0; i < N; i++)
+        d[i] = 1.0f;
+    d[123] = 1e38f;
+    dmax = coh_abs_bound_bits(d, N);
+    bound = NAN;
+    assert_int_equal(fold_checked(acc, d, N, 1.0f, 1, dmax, &bound), N);
+    assert_true(isfinite(bound)); /* 1e38 < FLT_MAX / 2 */
+    assert_int_equal(fold_checked(acc, d, N, 1.0f, 0, dmax, &bound), N);
+    assert_true(isinf(bound)); /* 2e38: checked */
+    assert_int_equal(fold_checked(acc, d, N, 1.0f, 0, dmax, &bound), N);
+    assert_true(acc[123] > 2.9e38f && isfinite(acc[123]));
+    memcpy(ref, acc, sizeof acc);
+    assert_int_equal(fold_checked(acc, d, N, 1.0f, 0, dmax, &bound), 123);
+    assert_memory_equal(acc, ref, sizeof acc);
+    /* A small update after that is still checked (the bound is gone for the round). */
+    for (int i = 0; i < N; i++)
+        d[i] = 0.5f;
+    assert_int_equal(fold_checked(acc, d, N, 1.0f, 0, coh_abs_bound_bits(d, N), &bound), N);
+    assert_true(isinf(bound));
+    /* A weight that makes one update overflow on its own: refused as the first fold. */
+    d[299] = 3e38f;
+    assert_int_equal(fold_checked(acc, d, N, 10.0f, 1, coh_abs_bound_bits(d, N), &bound), 299);
+    /* A delta whose maximum is not finite (trained weights minus the model) is checked. */
+    d[299] = INFINITY;
+    assert_int_equal(fold_checked(acc, d, N, 1.0f, 1, coh_abs_bound_bits(d, N), &bound), 299);
+}
+
+/* Trained weights become a difference, and a bound on its magnitudes comes back. */
+static void test_weights_to_delta_max(void **state)
+{
+    (void)state;
+    enum { N = 40000 }; /* more than one block */
+    float *u = malloc(N * sizeof *u), *xm = malloc(N * sizeof *xm);
+    assert_non_null(u);
+    assert_non_null(xm);
+    for (int i = 0; i < N; i++) {
+        u[i] = 1.0f;
+        xm[i] = 0.75f;
+    }
+    u[33000] = -6.0f;
+    float m;
+    uint32_t b = fold_weights_to_delta(u, xm, N);
+    memcpy(&m, &b, sizeof m);
+    assert_true(m >= 6.75f && m <= 6.75f * (1.0f + 1.0f / 128));
+    assert_true(u[0] == 0.25f && u[33000] == -6.75f);
+    free(u);
+    free(xm);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -231,6 +308,8 @@ int main(void)
         cmocka_unit_test(test_unknown_weighting_refused),
         cmocka_unit_test(test_fold_set_and_apply_into),
         cmocka_unit_test(test_fold_first_overflow),
+        cmocka_unit_test(test_fold_checked),
+        cmocka_unit_test(test_weights_to_delta_max),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

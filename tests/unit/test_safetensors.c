@@ -142,6 +142,71 @@ static void test_first_nonfinite(void **state)
     v[150] = NAN;
     v[70] = INFINITY;
     assert_int_equal(coh_first_nonfinite(v, 200), 70); /* the first of two */
+    /* Past the blocks of 1024 it tests whole: at their edges and in the tail. */
+    enum { L = 3000 };
+    float *w = malloc(L * sizeof *w);
+    assert_non_null(w);
+    for (int i = 0; i < L; i++)
+        w[i] = (float)(i % 100) - 50.0f;
+    assert_int_equal(coh_first_nonfinite(w, L), L);
+    const size_t big[] = {0, 1023, 1024, 2047, 2048, 2999};
+    for (size_t k = 0; k < sizeof big / sizeof big[0]; k++) {
+        for (size_t j = 0; j < 3; j++) {
+            float keep = w[big[k]];
+            w[big[k]] = bad[j];
+            assert_int_equal(coh_first_nonfinite(w, L), big[k]);
+            w[big[k]] = keep;
+        }
+    }
+    free(w);
+}
+
+static float from_bits(uint32_t b)
+{
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+/* The bound is at least the largest magnitude and within 2^-7 of it. */
+static int bounds(uint32_t bits, float largest)
+{
+    float b = from_bits(bits);
+    return b >= largest && b <= largest * (1.0f + 1.0f / 128);
+}
+
+static void test_abs_bound_bits(void **state)
+{
+    (void)state;
+    float v[200];
+    for (int i = 0; i < 200; i++)
+        v[i] = (i % 2 ? -1.0f : 1.0f) * (float)(i % 50) * 0.25f;
+    assert_int_equal(coh_abs_bound_bits(v, 0), 0);
+    assert_true(bounds(coh_abs_bound_bits(v, 200), 12.25f));
+    assert_true(bounds(coh_abs_bound_bits(v + 3, 1), 0.75f));
+    /* The largest magnitude in the first block, at block edges, in the tail,
+     * negative or positive; NaN and Inf at or above COH_NONFINITE_BITS. */
+    const size_t at[] = {0, 15, 16, 63, 64, 127, 128, 130, 199};
+    for (size_t k = 0; k < sizeof at / sizeof at[0]; k++) {
+        float keep = v[at[k]];
+        v[at[k]] = -3e38f;
+        assert_true(bounds(coh_abs_bound_bits(v, 200), 3e38f));
+        assert_true(bounds(coh_abs_bound_bits(v, at[k] + 1), 3e38f));
+        assert_true(from_bits(coh_abs_bound_bits(v, at[k])) < 13.0f); /* not within n */
+        v[at[k]] = 1e30f;
+        assert_true(bounds(coh_abs_bound_bits(v, 200), 1e30f));
+        v[at[k]] = -FLT_MAX;
+        assert_true(coh_abs_bound_bits(v, 200) < COH_NONFINITE_BITS);
+        v[at[k]] = FLT_MIN / 4;
+        assert_true(bounds(coh_abs_bound_bits(v, 200), 12.25f));
+        const float bad[] = {NAN, -NAN, INFINITY, -INFINITY};
+        for (size_t j = 0; j < 4; j++) {
+            v[at[k]] = bad[j];
+            assert_true(coh_abs_bound_bits(v, 200) >= COH_NONFINITE_BITS);
+            assert_true(coh_abs_bound_bits(v, at[k]) < COH_NONFINITE_BITS);
+        }
+        v[at[k]] = keep;
+    }
 }
 
 /* Builds a file image from a header string and data_len bytes of data. */
@@ -250,6 +315,7 @@ int main(void)
         cmocka_unit_test(test_limits),
         cmocka_unit_test(test_save_blocks),
         cmocka_unit_test(test_first_nonfinite),
+        cmocka_unit_test(test_abs_bound_bits),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
