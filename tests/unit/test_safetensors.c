@@ -113,6 +113,21 @@ static void test_save_blocks(void **state)
     assert_int_equal(bad.calls, 2);
     assert_int_equal(access(path, F_OK), -1);
     assert_int_equal(access(tmp, F_OK), -1);
+
+    /* A model under two blocks is hashed inline, not on the hashing thread:
+     * the digest is the file's all the same. */
+    struct coh_model s1;
+    coh_model_init(&s1);
+    uint64_t small[1] = {COH_ST_BLOCK_FLOATS + 3};
+    assert_int_equal(coh_model_add(&s1, "b", 1, small), 0);
+    assert_int_equal(coh_model_alloc(&s1), 0);
+    struct blocks_seen b1 = {0};
+    assert_int_equal(coh_st_save_blocks(path, &s1, 1, fill_block, &b1, sha), 0);
+    assert_int_equal(b1.calls, 2);
+    assert_int_equal(coh_sha256_file(path, sha2), 0);
+    assert_memory_equal(sha, sha2, 32);
+    unlink(path);
+    coh_model_fini(&s1);
     rmdir(dir);
     coh_model_fini(&m);
 }
