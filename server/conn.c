@@ -287,10 +287,11 @@ static int stream_step(struct conn *c, struct model_blob *b)
 }
 
 /* Streams c's model while its socket takes it, at most `budget` bytes of model
- * data; returns the bytes sent. Corked while it writes record after record: the
- * kernel sends full-size segments instead of one per 16 KiB record (fewer packets
- * through loopback or the NIC, fewer wake-ups of the client); uncorking sends the
- * rest at once. */
+ * data; returns the bytes sent. The burst's records are gathered and written
+ * in one call (connio_burst_*), and the socket is corked meanwhile so what the
+ * socket refuses and is queued still leaves in full-size segments instead of
+ * one per 16 KiB record (fewer packets through loopback or the NIC, fewer
+ * wake-ups of the client); uncorking sends the rest at once. */
 static size_t stream_burst(struct conn *c, size_t budget)
 {
     struct model_blob *b = c->send_blob;
@@ -299,10 +300,12 @@ static size_t stream_burst(struct conn *c, size_t budget)
     int one = 1, zero = 0;
     if (uv_fileno((uv_handle_t *)&c->tcp, &fd) == 0)
         setsockopt(fd, IPPROTO_TCP, TCP_CORK, &one, sizeof one);
+    connio_burst_begin(c);
     while (sent < budget && c->send_idx < b->nchunks && queued(c) < SEND_WINDOW &&
            !c->write_err && !uv_is_closing((uv_handle_t *)&c->tcp)) {
         size_t before = c->send_idx * (size_t)b->chunk_bytes + c->send_off;
         if (stream_step(c, b) < 0) {
+            connio_burst_end(c);
             if (fd >= 0)
                 setsockopt(fd, IPPROTO_TCP, TCP_CORK, &zero, sizeof zero);
             conn_close(c, "TLS write failed while sending the model");
@@ -311,6 +314,7 @@ static size_t stream_burst(struct conn *c, size_t budget)
         conn_flush(c);
         sent += c->send_idx * (size_t)b->chunk_bytes + c->send_off - before;
     }
+    connio_burst_end(c);
     if (fd >= 0)
         setsockopt(fd, IPPROTO_TCP, TCP_CORK, &zero, sizeof zero);
     if (c->send_blob && c->send_idx >= b->nchunks) {
@@ -418,6 +422,7 @@ void conn_streams_fini(struct server *s)
     free(s->streams);
     s->streams = NULL;
     s->nstreams = s->capstreams = 0;
+    connio_burst_free();
     if (s->stream_idle_init) {
         uv_close((uv_handle_t *)&s->stream_idle, NULL);
         s->stream_idle_init = 0;

@@ -144,6 +144,10 @@ size_t conn_write_now(struct conn *c, const uint8_t *p, size_t n);
 
 /* connio.c */
 int connio_init(void);
+/* Between these, c's TLS output is gathered and written at the end in one call. */
+void connio_burst_begin(struct conn *c);
+void connio_burst_end(struct conn *c);
+void connio_burst_free(void);
 int connio_attach(struct conn *c);          /* custom BIOs on c->ssl; 0 or -1 */
 void connio_release(struct conn *c);        /* frees unread input and unsent output */
 int connio_keep_input(struct conn *c, const uint8_t *p, size_t n);
