@@ -460,16 +460,49 @@ static int opts_copy(struct cohort_opts *dst, const struct cohort_opts *src)
 
 /* ---- socket BIO --------------------------------------------------------- */
 
+#define GATHER_BYTES ((size_t)65536)
+
 /* OpenSSL's own socket BIO writes with write(), which raises SIGPIPE when the
  * server has gone; a library must neither die of that nor change the host's
  * signal dispositions, so this BIO sends with MSG_NOSIGNAL. It also counts the
  * bytes for the stats. */
+
+/* Sends what is gathered without blocking: 0 when all of it went, -1 with errno
+ * (EAGAIN: the socket is full) otherwise. */
+static int gather_push(struct cohort_client *c)
+{
+    while (c->goff < c->glen) {
+        ssize_t n = send(c->fd, c->gbuf + c->goff, c->glen - c->goff, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        c->goff += (size_t)n;
+        c->stats.bytes_out += (uint64_t)n;
+    }
+    c->glen = c->goff = 0;
+    return 0;
+}
 
 static int bio_sock_write(BIO *b, const char *buf, int len)
 {
     struct cohort_client *c = BIO_get_data(b);
     BIO_clear_retry_flags(b);
     ssize_t n;
+    if (c->gather && len >= 0 && (size_t)len <= GATHER_BYTES) {
+        /* While an update goes out, records are sent GATHER_BYTES at a time:
+         * a quarter of the send() calls of one per 16 KiB record. When the
+         * buffer is full and the socket does not take it all, OpenSSL retries
+         * this same record later, as with any non-blocking write. */
+        if (c->glen + (size_t)len > GATHER_BYTES && gather_push(c) < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                BIO_set_retry_write(b);
+            return -1;
+        }
+        memcpy(c->gbuf + c->glen, buf, (size_t)len);
+        c->glen += (size_t)len;
+        return len;
+    }
     do
         n = send(c->fd, buf, (size_t)len, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
@@ -693,6 +726,7 @@ COHORT_API void cohort_client_free(cohort_client *c)
     conn_close(c);
     coh_frame_rx_fini(&c->rx);
     free(c->tx);
+    free(c->gbuf);
     layout_fini(&c->lay);
     free_model_buffers(c);
     SSL_CTX_free(c->ctx);
@@ -789,6 +823,9 @@ static int sleep_ms(struct cohort_client *c, int64_t ms)
 
 static void conn_close(struct cohort_client *c)
 {
+    /* Whatever an interrupted update gathered is not sent after all. */
+    c->gather = 0;
+    c->glen = c->goff = 0;
     if (c->ssl) {
         /* Tell the server we are leaving on purpose; no waiting for its reply. */
         if (!c->tls_broken && SSL_is_init_finished(c->ssl))
@@ -1042,6 +1079,46 @@ static int write_all(struct cohort_client *c, const uint8_t *buf, size_t len)
         int rc = wait_fd(c, c->fd, e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, left);
         if (rc < 0)
             return rc;
+    }
+    c->last_tx_ms = mono_ms();
+    return 0;
+}
+
+/* From here until gather_end, TLS output is gathered (bio_sock_write). */
+static void gather_begin(struct cohort_client *c)
+{
+    if (!c->gbuf && !(c->gbuf = malloc(GATHER_BYTES)))
+        return; /* not gathering is only slower */
+    c->glen = c->goff = 0;
+    c->gather = 1;
+}
+
+/* Sends what is still gathered, waiting for the socket as write_all does. */
+static int gather_end(struct cohort_client *c)
+{
+    if (!c->gather)
+        return 0;
+    c->gather = 0;
+    int64_t deadline = mono_ms() + c->o.io_timeout_ms;
+    while (gather_push(c) < 0) {
+        int err = errno;
+        if (err != EAGAIN && err != EWOULDBLOCK) {
+            c->glen = c->goff = 0;
+            c->tls_broken = 1;
+            return set_error(c, err == EPIPE ? COHORT_ECLOSED : -err, "connection to %s failed "
+                             "while sending: %s", c->peer, strerror(err));
+        }
+        int64_t left = deadline - mono_ms();
+        if (left <= 0) {
+            c->glen = c->goff = 0;
+            return set_error(c, COHORT_ETIMEDOUT, "sending to %s made no progress for %u ms; "
+                             "reconnecting", c->peer, c->o.io_timeout_ms);
+        }
+        int rc = wait_fd(c, c->fd, POLLOUT, left);
+        if (rc < 0) {
+            c->glen = c->goff = 0;
+            return rc;
+        }
     }
     c->last_tx_ms = mono_ms();
     return 0;
@@ -1660,6 +1737,7 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
         EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
     const uint8_t *src = (const uint8_t *)update;
     uint32_t index = 0;
+    gather_begin(c);
     for (size_t off = 0; off < total; off += chunk, index++) {
         size_t n = total - off < chunk ? total - off : chunk, pos;
         (void)coh_wire_write_chunk(c->tx, COH_CHUNK_UPDATE, round, index, off, NULL, n, &pos);
@@ -1679,12 +1757,18 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
                 checksum_update(c, use_xxh, c->tx + pos, k);
                 rc = write_all(c, c->tx, pos + k);
             }
-            if (rc < 0)
+            if (rc < 0) {
+                c->gather = 0;
+                c->glen = c->goff = 0;
                 return rc;
+            }
             done += k;
             pos = 0;
         }
     }
+    rc = gather_end(c);
+    if (rc < 0)
+        return rc;
     uint8_t md[EVP_MAX_MD_SIZE];
     unsigned mdlen = 0;
     Cohort__UpdateEnd ue = COHORT__UPDATE_END__INIT;

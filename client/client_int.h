@@ -83,6 +83,10 @@ struct cohort_client {
     struct coh_frame_rx rx;
     uint8_t *tx;                        /* the one reusable outgoing frame buffer */
     size_t tx_cap;
+    /* An update's TLS records, gathered to be sent a few at a time (gather_*). */
+    uint8_t *gbuf;
+    size_t glen, goff;
+    int gather;
     int64_t last_rx_ms, last_tx_ms;     /* monotonic */
     uint64_t hb_seq;
     uint32_t srv_max_frame;             /* from Welcome; 0 = unknown */

@@ -64,9 +64,53 @@ def run_round(t, hostile, plan, name):
         env.cleanup()
 
 
+def held_upload(t, hostile):
+    """A libcohort client (`cohort client --exec`) whose upload must wait while a
+    trickling client holds the only slot: 16 MiB, far more than the kernel buffers
+    of a paused socket hold, so its sends stop part-way (libcohort gathers an
+    update's records 64 KiB at a time and retries a gathered block the socket
+    refused) and go on when the slot frees. cohortd checks the update's XXH3 over
+    every byte it received, so the acceptance says the bytes arrived in order."""
+    env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=2, name="held-upload")
+    try:
+        shape, n = [4096, 1024], 4096 * 1024
+        init = os.path.join(env.dir, "init.safetensors")
+        upd = os.path.join(env.dir, "u.safetensors")
+        st_write(init, [("w", shape, [0.0] * n)])
+        st_write(upd, [("w", shape, [0.001 * (i % 7) for i in range(n)])])
+        srv = env.start_server(init, ["--rounds", "1", "--min-clients", "2",
+                                      "--max-uploads", "1", "--round-timeout", "120",
+                                      "--log-level", "debug"])
+        cert, key = env.cert(1)
+        h = subprocess.Popen(
+            [hostile, "trickle", "--server", "127.0.0.1:%d" % env.port,
+             "--ca", os.path.join(env.certs, "ca.pem"), "--cert", cert, "--key", key,
+             "--model-layout-from-offer", "--timeout-ms", "60000",
+             "--send-delay-ms", "0", "--count", "3000"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        slow = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_update.sh")
+        u = env.start_client(2, ["--exec", "sh %s 0.5 %s" % (slow, upd), "--examples", "10"])
+        out, _ = h.communicate(timeout=120)
+        t.ok(h.returncode == 0, "held-upload: the trickling client's update is accepted")
+        t.ok(wait(srv, 120, "cohortd") == 0, "held-upload: cohortd completes the round")
+        t.ok(wait(u, 30, "client") == 0, "held-upload: the libcohort client exits 0")
+        waited = [int(ms) for ms in re.findall(
+            r"CN=client-2,.*: upload slot after (\d+) ms", env.log())]
+        t.ok(len(waited) == 1 and waited[0] >= 1000,
+             "held-upload: the 16 MiB upload waited for the slot (%s ms)" % waited)
+        rows = dict(env.db().execute(
+            "SELECT c.name, p.status FROM participation p JOIN clients c ON c.id = p.client "
+            "WHERE p.round = 1").fetchall())
+        t.ok(rows.get("client-2") == "accepted",
+             "held-upload: the held update arrived whole and was accepted (%s)" % rows)
+    finally:
+        env.cleanup()
+
+
 def main():
     t = Check("e2e-upload-slots")
     hostile = os.environ.get("COHORT_HOSTILE")
+    held_upload(t, hostile)
 
     times, grants = run_round(t, hostile, {"H": (0, 2000), "S": (300, 4000), "F": (600, 0)},
                               "arrived-first")
