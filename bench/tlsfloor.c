@@ -86,6 +86,26 @@ static SSL_CTX *make_ctx(int server, const char *cert, const char *key)
     return ctx;
 }
 
+/* The socket I/O cohort itself does (libcohort and cohortd): ciphertext read
+ * ahead, up to 64 KiB per recv() (without it OpenSSL reads each record's header
+ * and body with two calls), and written GATHER bytes at a time through a
+ * buffering BIO that is flushed when a message is complete (one send() per
+ * 16 KiB record otherwise). A floor that paid a system call per record would
+ * not be a floor: cohort's clients gather, its server writes a burst at once. */
+#define GATHER 65536
+
+static void set_io(SSL *ssl, int fd)
+{
+    BIO *rb = BIO_new_socket(fd, BIO_NOCLOSE), *ws = BIO_new_socket(fd, BIO_NOCLOSE);
+    BIO *wb = BIO_new(BIO_f_buffer());
+    if (!rb || !ws || !wb || BIO_set_write_buffer_size(wb, GATHER) != 1)
+        die("TLS BIOs");
+    BIO_push(wb, ws);
+    SSL_set_bio(ssl, rb, wb);
+    SSL_set_read_ahead(ssl, 1);
+    SSL_set_default_read_buffer_len(ssl, GATHER);
+}
+
 static int write_n(SSL *ssl, const uint8_t *p, size_t n)
 {
     for (size_t off = 0; off < n;) {
@@ -94,7 +114,7 @@ static int write_n(SSL *ssl, const uint8_t *p, size_t n)
             return -1;
         off += w;
     }
-    return 0;
+    return BIO_flush(SSL_get_wbio(ssl)) == 1 ? 0 : -1;
 }
 
 static int read_n(SSL *ssl, uint8_t *p, size_t n)
@@ -145,7 +165,7 @@ static void *serve(void *arg)
 
 /* ---- server process, --server-loops K: K epoll loops ---- */
 
-enum { L_HANDSHAKE, L_GO, L_SEND, L_RECV, L_ACK, L_DONE };
+enum { L_HANDSHAKE, L_GO, L_SEND, L_SEND_FLUSH, L_RECV, L_ACK, L_ACK_FLUSH, L_DONE };
 
 struct lconn {
     SSL *ssl;
@@ -183,14 +203,29 @@ static int lconn_step(struct lconn *c)
         case L_SEND: {
             size_t k = nbytes - c->off < PIECE ? nbytes - c->off : PIECE;
             if (k == 0) {
-                c->state = L_RECV;
-                c->off = 0;
+                c->state = L_SEND_FLUSH;
                 continue;
             }
             rc = SSL_write_ex(c->ssl, payload + c->off, k, &n);
             if (rc == 1)
                 c->off += n;
             break;
+        }
+        case L_SEND_FLUSH:
+        case L_ACK_FLUSH: {
+            BIO *wb = SSL_get_wbio(c->ssl);
+            if (BIO_flush(wb) != 1) {
+                if (BIO_should_retry(wb))
+                    return 0; /* the socket said EAGAIN: wait for EPOLLOUT */
+                die("server flush (loop)");
+            }
+            if (c->state == L_SEND_FLUSH) {
+                c->state = L_RECV;
+                c->off = 0;
+            } else {
+                c->state = ++c->round == rounds ? L_DONE : L_GO;
+            }
+            continue;
         }
         case L_RECV:
             if (c->off == nbytes) {
@@ -204,7 +239,7 @@ static int lconn_step(struct lconn *c)
         case L_ACK:
             rc = SSL_write_ex(c->ssl, &go, 1, &n);
             if (rc == 1)
-                c->state = ++c->round == rounds ? L_DONE : L_GO;
+                c->state = L_ACK_FLUSH;
             break;
         default:
             return 1;
@@ -255,7 +290,7 @@ static void run_server_loops(int lfd, SSL_CTX *ctx)
         c->sink = malloc(nbytes ? nbytes : 1);
         if (!c->ssl || !c->sink)
             die("out of memory");
-        SSL_set_fd(c->ssl, fd);
+        set_io(c->ssl, fd);
         struct sloop *l = &lp[i % server_loops];
         l->n++;
         struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLET, .data.ptr = c};
@@ -284,7 +319,7 @@ static void run_server(int lfd)
     for (int i = 0; i < nclients; i++) {
         int fd = accept_one(lfd);
         sc[i].ssl = SSL_new(ctx);
-        SSL_set_fd(sc[i].ssl, fd);
+        set_io(sc[i].ssl, fd);
         if (pthread_create(&th[i], NULL, serve, &sc[i]) != 0)
             die("pthread_create");
     }
@@ -336,7 +371,7 @@ static void *client(void *arg)
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->ssl = SSL_new(ctx);
-    SSL_set_fd(c->ssl, fd);
+    set_io(c->ssl, fd);
     if (SSL_connect(c->ssl) != 1)
         die("client handshake");
     for (int r = 0; r < rounds; r++) {
