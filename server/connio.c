@@ -119,7 +119,7 @@ static uint8_t *burst_buf;
 static size_t burst_len;
 static struct conn *burst_conn;
 
-static void out_append(struct conn *c, const uint8_t *data, size_t len);
+static int out_append(struct conn *c, const uint8_t *data, size_t len);
 
 void connio_burst_begin(struct conn *c)
 {
@@ -148,12 +148,18 @@ void connio_burst_end(struct conn *c)
         return;
     size_t done = conn_write_now(c, burst_buf, n);
     if (done < n && !c->write_err) {
-        out_append(c, burst_buf + done, n - done);
+        /* OpenSSL counts these records as written: losing them breaks the stream. */
+        if (out_append(c, burst_buf + done, n - done) < 0) {
+            conn_close(c, "out of memory for TLS output");
+            return;
+        }
         conn_flush(c);
     }
 }
 
-static void out_append(struct conn *c, const uint8_t *data, size_t len)
+/* Copies ciphertext behind what is already gathered or queued; 0, or -1 when no
+ * write buffer could be had. */
+static int out_append(struct conn *c, const uint8_t *data, size_t len)
 {
     size_t done = 0;
     while (done < len) {
@@ -162,7 +168,7 @@ static void out_append(struct conn *c, const uint8_t *data, size_t len)
         if (!c->out && !(c->out = connio_wreq_get())) {
             coh_err("conn", "conn %llu: out of memory for TLS output",
                     (unsigned long long)c->id);
-            return;
+            return -1;
         }
         size_t room = sizeof c->out->data - c->out->len;
         size_t n = len - done < room ? len - done : room;
@@ -170,6 +176,7 @@ static void out_append(struct conn *c, const uint8_t *data, size_t len)
         c->out->len += n;
         done += n;
     }
+    return 0;
 }
 
 static int write_ex(BIO *b, const char *data, size_t len, size_t *written)
@@ -191,21 +198,9 @@ static int write_ex(BIO *b, const char *data, size_t len, size_t *written)
      * Small records are gathered, so a burst of small frames is one write. */
     if (len >= CONNIO_DIRECT_MIN)
         done = conn_write_now(c, (const uint8_t *)data, len);
-    while (done < len) {
-        if (c->out && c->out->len == sizeof c->out->data)
-            conn_flush(c);
-        if (!c->out && !(c->out = connio_wreq_get())) {
-            coh_err("conn", "conn %llu: out of memory for TLS output",
-                    (unsigned long long)c->id);
-            return 0;
-        }
-        size_t room = sizeof c->out->data - c->out->len;
-        size_t n = len - done < room ? len - done : room;
-        memcpy(c->out->data + c->out->len, data + done, n);
-        c->out->len += n;
-        done += n;
-    }
-    *written = done;
+    if (done < len && out_append(c, (const uint8_t *)data + done, len - done) < 0)
+        return 0;
+    *written = len;
     return 1;
 }
 
