@@ -479,6 +479,8 @@ static int gather_push(struct cohort_client *c)
             return -1;
         c->goff += (size_t)n;
         c->stats.bytes_out += (uint64_t)n;
+        if (n > 0)
+            c->gather_sent_ms = mono_ms();
     }
     c->glen = c->goff = 0;
     return 0;
@@ -489,6 +491,12 @@ static int bio_sock_write(BIO *b, const char *buf, int len)
     struct cohort_client *c = BIO_get_data(b);
     BIO_clear_retry_flags(b);
     ssize_t n;
+    if (c->gather && len > 0 && (size_t)len > GATHER_BYTES && gather_push(c) < 0) {
+        /* Never today (TLS records are smaller), but bytes must keep their order. */
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            BIO_set_retry_write(b);
+        return -1;
+    }
     if (c->gather && len >= 0 && (size_t)len <= GATHER_BYTES) {
         /* While an update goes out, records are sent GATHER_BYTES at a time:
          * a quarter of the send() calls of one per 16 KiB record. When the
@@ -1072,6 +1080,10 @@ static int write_all(struct cohort_client *c, const uint8_t *buf, size_t len)
         int e = SSL_get_error(c->ssl, 0);
         if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
             return tls_error(c, e, "while sending");
+        /* A gathered block that went out in part is progress too: on a slow
+         * link 64 KiB may take longer than io_timeout. */
+        if (c->gather && c->gather_sent_ms + c->o.io_timeout_ms > deadline)
+            deadline = c->gather_sent_ms + c->o.io_timeout_ms;
         int64_t left = deadline - mono_ms();
         if (left <= 0)
             return set_error(c, COHORT_ETIMEDOUT, "sending to %s made no progress for %u ms; "
@@ -1090,6 +1102,7 @@ static void gather_begin(struct cohort_client *c)
     if (!c->gbuf && !(c->gbuf = malloc(GATHER_BYTES)))
         return; /* not gathering is only slower */
     c->glen = c->goff = 0;
+    c->gather_sent_ms = mono_ms();
     c->gather = 1;
 }
 
@@ -1099,24 +1112,27 @@ static int gather_end(struct cohort_client *c)
     if (!c->gather)
         return 0;
     c->gather = 0;
-    int64_t deadline = mono_ms() + c->o.io_timeout_ms;
+    c->gather_sent_ms = mono_ms();
     while (gather_push(c) < 0) {
         int err = errno;
+        /* Dropped records leave the TLS stream broken: no close_notify after them. */
         if (err != EAGAIN && err != EWOULDBLOCK) {
             c->glen = c->goff = 0;
             c->tls_broken = 1;
             return set_error(c, err == EPIPE ? COHORT_ECLOSED : -err, "connection to %s failed "
                              "while sending: %s", c->peer, strerror(err));
         }
-        int64_t left = deadline - mono_ms();
+        int64_t left = c->gather_sent_ms + c->o.io_timeout_ms - mono_ms();
         if (left <= 0) {
             c->glen = c->goff = 0;
+            c->tls_broken = 1;
             return set_error(c, COHORT_ETIMEDOUT, "sending to %s made no progress for %u ms; "
                              "reconnecting", c->peer, c->o.io_timeout_ms);
         }
         int rc = wait_fd(c, c->fd, POLLOUT, left);
         if (rc < 0) {
             c->glen = c->goff = 0;
+            c->tls_broken = 1;
             return rc;
         }
     }
@@ -1758,6 +1774,8 @@ static int send_update(struct cohort_client *c, uint64_t round, uint64_t num_exa
                 rc = write_all(c, c->tx, pos + k);
             }
             if (rc < 0) {
+                if (c->glen > c->goff)
+                    c->tls_broken = 1; /* records dropped: see gather_end */
                 c->gather = 0;
                 c->glen = c->goff = 0;
                 return rc;

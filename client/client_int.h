@@ -87,6 +87,7 @@ struct cohort_client {
     uint8_t *gbuf;
     size_t glen, goff;
     int gather;
+    int64_t gather_sent_ms;             /* monotonic: the last send() that took bytes */
     int64_t last_rx_ms, last_tx_ms;     /* monotonic */
     uint64_t hb_seq;
     uint32_t srv_max_frame;             /* from Welcome; 0 = unknown */

@@ -116,6 +116,12 @@ static void force_close(struct conn *c)
         uv_close((uv_handle_t *)&c->tcp, on_close);
 }
 
+void conn_write_failed(struct conn *c, int err)
+{
+    c->write_err = err;
+    force_close(c);
+}
+
 static void pump(struct conn *c);
 
 static void on_write(uv_write_t *req, int status)

@@ -141,6 +141,9 @@ void conn_flush(struct conn *c);
  * a write error closes the connection). Lets a TLS record go out from
  * OpenSSL's own buffer without a copy. */
 size_t conn_write_now(struct conn *c, const uint8_t *p, size_t n);
+/* Output was lost (err: a libuv error code): the connection is closed without
+ * another TLS call, safe inside one. */
+void conn_write_failed(struct conn *c, int err);
 
 /* connio.c */
 int connio_init(void);

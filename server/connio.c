@@ -109,12 +109,13 @@ int connio_keep_input(struct conn *c, const uint8_t *p, size_t n)
     return 0;
 }
 
-/* A model stream's burst of records (up to STREAM_BUDGET of model) is gathered
- * here and written with one call: one write per 16 KiB record cost cohortd ~5 %
- * more CPU per round at (50, 1e6) (docs/performance.md), the copy into this
- * buffer (in cache) less than the system calls it saves. What the socket does
- * not take goes into write buffers as before. */
-#define BURST_CAP ((size_t)(288u << 10))
+/* A model stream's burst of records is gathered here and written BURST_CAP at
+ * a time: one write per 16 KiB record cost cohortd ~5 % more CPU per round at
+ * (50, 1e6) (docs/performance.md), the copy into this buffer (in cache) less
+ * than the system calls it saves. What the socket does not take goes into
+ * write buffers as before, and the rest of the burst goes record by record,
+ * so a slow reader holds at most one block besides its window. */
+#define BURST_CAP ((size_t)(64u << 10))
 static uint8_t *burst_buf;
 static size_t burst_len;
 static struct conn *burst_conn;
@@ -137,24 +138,31 @@ void connio_burst_free(void)
     burst_conn = NULL;
 }
 
+/* Writes what is gathered; 1 when the socket took all of it. */
+static int burst_write(struct conn *c)
+{
+    size_t n = burst_len;
+    burst_len = 0;
+    if (n == 0)
+        return 1;
+    size_t done = conn_write_now(c, burst_buf, n);
+    if (done == n || c->write_err)
+        return done == n;
+    /* OpenSSL counts these records as written: losing them breaks the stream. */
+    if (out_append(c, burst_buf + done, n - done) < 0) {
+        conn_write_failed(c, UV_ENOMEM);
+        return 0;
+    }
+    conn_flush(c);
+    return 0;
+}
+
 void connio_burst_end(struct conn *c)
 {
     if (burst_conn != c)
         return;
     burst_conn = NULL;
-    size_t n = burst_len;
-    burst_len = 0;
-    if (n == 0)
-        return;
-    size_t done = conn_write_now(c, burst_buf, n);
-    if (done < n && !c->write_err) {
-        /* OpenSSL counts these records as written: losing them breaks the stream. */
-        if (out_append(c, burst_buf + done, n - done) < 0) {
-            conn_close(c, "out of memory for TLS output");
-            return;
-        }
-        conn_flush(c);
-    }
+    burst_write(c);
 }
 
 /* Copies ciphertext behind what is already gathered or queued; 0, or -1 when no
@@ -184,14 +192,13 @@ static int write_ex(BIO *b, const char *data, size_t len, size_t *written)
     struct conn *c = BIO_get_data(b);
     BIO_clear_retry_flags(b);
     size_t done = 0;
-    if (burst_conn == c) {
-        if (burst_len + len <= BURST_CAP) {
-            memcpy(burst_buf + burst_len, data, len);
-            burst_len += len;
-            *written = len;
-            return 1;
-        }
-        connio_burst_end(c);
+    if (burst_conn == c && burst_len + len > BURST_CAP && !burst_write(c))
+        burst_conn = NULL; /* the socket is full: the window applies again */
+    if (burst_conn == c && len <= BURST_CAP) {
+        memcpy(burst_buf + burst_len, data, len);
+        burst_len += len;
+        *written = len;
+        return 1;
     }
     /* A whole record (a model slice) goes to the socket from OpenSSL's buffer
      * when nothing waits before it; only what the socket refuses is copied.
