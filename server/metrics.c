@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "cohort_err.h"
+#include "conn.h"
 #include "idmap.h"
 #include "pstore.h"
 #include "server.h"
@@ -279,6 +280,13 @@ void metrics_write(struct server *s, FILE *f)
           r->uploads_active);
     gauge(f, "cohort_uploads_waiting", "Update uploads waiting for a staging slot.",
           (double)s->nwaiters);
+    /* What slow readers cost in memory: each connection queues at most one model
+     * burst block plus its send window (docs/architecture.md). */
+    double queued = 0;
+    for (const struct conn *c = s->conn_list; c; c = c->next)
+        queued += (double)c->tx_pending + (c->out ? (double)c->out->len : 0);
+    gauge(f, "cohort_send_queued_bytes", "Ciphertext written but not yet taken by the "
+          "clients' sockets, all connections.", queued);
     header(f, "cohort_updates_total", "counter",
            "Answers to round offers in committed rounds, by result and reason.");
     for (size_t k = 0; k < NOUTCOMES; k++)

@@ -9,13 +9,71 @@ RoundResult goes out while the stream is stalled mid-chunk (15 times in 16 at le
 client then reads on: every frame must decode, the chunks must be contiguous, the model
 must match the offer's XXH3-128, and the RoundResult must have arrived. cohortd then runs
 round 2 and exits 0."""
+import http.client
 import os
+import re
 import struct
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cohort_e2e import Check, Env, wait  # noqa
+from cohort_e2e import Check, Env, free_port, wait  # noqa
+
+# A stalled reader holds at most one model burst block (64 KiB) of queued ciphertext
+# besides its 16 KiB window and one 16.5 KiB record (docs/architecture.md).
+QUEUED_MAX = 128 * 1024
+
+
+def queued_bytes(port):
+    """cohort_send_queued_bytes from cohortd's /metrics, None when unreadable."""
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/metrics")
+        body = c.getresponse().read().decode()
+        c.close()
+    except OSError:
+        return None
+    m = re.search(r"^cohort_send_queued_bytes (\S+)$", body, re.M)
+    return float(m.group(1)) if m else None
+
+
+def queue_bound(t, hostile):
+    """While a client reads nothing in the middle of its model, cohortd queues a bounded
+    amount for it (the stream stops at the socket), seen on /metrics. The round stays open
+    through the stall (4 s deadline, 3 s stall), so nothing else is sent to the client."""
+    env = Env(os.environ.get("COHORT_BUILD", "build"), nclients=1, name="midstream-queue")
+    try:
+        init = os.path.join(env.dir, "init.safetensors")
+        write_model(init)
+        http_port = free_port()
+        srv = env.start_server(init, ["--rounds", "1", "--min-clients", "1",
+                                      "--round-timeout", "4", "--chunk-bytes", str(1 << 20),
+                                      "--max-frame-bytes", str(2 << 20),
+                                      "--http", "127.0.0.1:%d" % http_port])
+        cert, key = env.cert(1)
+        p = subprocess.Popen([hostile, "slowread", "--server", "127.0.0.1:%d" % env.port,
+                              "--ca", os.path.join(env.certs, "ca.pem"), "--cert", cert,
+                              "--key", key, "--count", "3000", "--timeout-ms", "30000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end and p.poll() is None:
+            q = queued_bytes(http_port)
+            if q is not None:
+                seen.append(q)
+            time.sleep(0.1)
+        out = p.communicate(timeout=120)[0]
+        t.ok(p.returncode == 0 and "PASS" in out,
+             "queue bound: the stalled client gets its model whole afterwards (%s)"
+             % (out.strip().splitlines() or ["no output"])[-1])
+        t.ok(seen and 0 < max(seen) <= QUEUED_MAX,
+             "queue bound: cohortd queued some ciphertext for the stalled client, at most "
+             "%d KiB (max %s bytes over %d scrapes)" % (QUEUED_MAX // 1024,
+                                                       max(seen) if seen else None, len(seen)))
+        t.ok(wait(srv, 60, "cohortd") == 0, "queue bound: cohortd finishes the round, exits 0")
+    finally:
+        env.cleanup()
 
 ROWS, COLS = 4000, 1000     # 16 MB: more than the server's socket buffer can absorb
 
@@ -74,6 +132,7 @@ def main():
         t.ok(wait(srv, 60, "cohortd") == 0, "cohortd finishes round 3 and exits 0")
     finally:
         env.cleanup()
+    queue_bound(t, hostile)
     t.done()
 
 
