@@ -73,8 +73,8 @@ struct conn {
     struct coh_frame_rx rx;
     size_t tx_pending;          /* ciphertext bytes handed to libuv, not yet written */
     uint64_t bytes_in, bytes_out;
-    uint64_t offer_rx_mark;
-    uint64_t offered_round;     /* last round offered on this connection */     /* bytes_in when the open round was offered to this conn */
+    uint64_t offer_rx_mark;     /* bytes_in when the open round was offered to this conn */
+    uint64_t offered_round;     /* last round offered on this connection */
 
     struct model_blob *send_blob; /* model being streamed, NULL when none */
     size_t send_idx;            /* chunk of send_blob being sent */
