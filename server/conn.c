@@ -116,6 +116,15 @@ static void force_close(struct conn *c)
         uv_close((uv_handle_t *)&c->tcp, on_close);
 }
 
+/* The model of c's stream is all written. */
+static void stream_done(struct conn *c)
+{
+    blob_unref(c->send_blob);
+    c->send_blob = NULL;
+    if (c->offer_pending || c->run_end_pending)
+        server_stream_done(c->srv);
+}
+
 void conn_write_failed(struct conn *c, int err)
 {
     c->write_err = err;
@@ -223,10 +232,8 @@ int conn_send(struct conn *c, const Cohort__Envelope *e)
     while (b && c->send_off > 0 && !c->write_err && !uv_is_closing((uv_handle_t *)&c->tcp))
         if (stream_step(c, b) < 0)
             return COHORT_ETLS;
-    if (b && c->send_idx >= b->nchunks) {
-        blob_unref(b);
-        c->send_blob = NULL;
-    }
+    if (b && c->send_idx >= b->nchunks)
+        stream_done(c);
     uint8_t stackbuf[1024];
     size_t n = coh_wire_frame_size(e);
     uint8_t *buf = n <= sizeof stackbuf ? stackbuf : malloc(n);
@@ -323,10 +330,8 @@ static size_t stream_burst(struct conn *c, size_t budget)
     connio_burst_end(c);
     if (fd >= 0)
         setsockopt(fd, IPPROTO_TCP, TCP_CORK, &zero, sizeof zero);
-    if (c->send_blob && c->send_idx >= b->nchunks) {
-        blob_unref(b);
-        c->send_blob = NULL;
-    }
+    if (c->send_blob && c->send_idx >= b->nchunks)
+        stream_done(c);
     return sent;
 }
 

@@ -75,6 +75,9 @@ struct conn {
     uint64_t bytes_in, bytes_out;
     uint64_t offer_rx_mark;     /* bytes_in when the open round was offered to this conn */
     uint64_t offered_round;     /* last round offered on this connection */
+    /* Waiting for the model still streaming (server_stream_done): a round offer,
+     * or at shutdown the RunEnd and the close. */
+    int offer_pending, run_end_pending;
 
     struct model_blob *send_blob; /* model being streamed, NULL when none */
     size_t send_idx;            /* chunk of send_blob being sent */

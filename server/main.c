@@ -35,6 +35,11 @@
 
 static uv_timer_t sweep_timer;
 static uv_timer_t exit_timer;
+static uv_timer_t stream_done_timer; /* offers and RunEnds that waited for a stream */
+static uv_timer_t drain_timer;       /* shutdown: how long streams may finish */
+#define SHUTDOWN_DRAIN_MS 10000
+static char end_reason[256];
+static int end_done;
 
 void config_defaults(struct config *c)
 {
@@ -264,11 +269,63 @@ static void on_exit_check(uv_timer_t *t)
     uv_timer_stop(t);
     uv_close((uv_handle_t *)t, NULL);
     uv_close((uv_handle_t *)&sweep_timer, NULL);
+    uv_close((uv_handle_t *)&stream_done_timer, NULL);
+    uv_close((uv_handle_t *)&drain_timer, NULL);
     uv_close((uv_handle_t *)&s->sigint, NULL);
     uv_close((uv_handle_t *)&s->sigterm, NULL);
     round_fini(s);
     gossip_fini(s);
     conn_streams_fini(s);
+}
+
+/* RunEnd (to a READY connection) and the close. */
+static void end_conn(struct server *s, struct conn *c)
+{
+    c->run_end_pending = 0;
+    if (c->state == CONN_READY) {
+        Cohort__RunEnd re = COHORT__RUN_END__INIT;
+        re.reason = end_reason;
+        re.last_round = s->last_committed;
+        re.done = end_done;
+        Cohort__Envelope e = COHORT__ENVELOPE__INIT;
+        e.body_case = COHORT__ENVELOPE__BODY_RUN_END;
+        e.run_end = &re;
+        conn_send(c, &e);
+    }
+    conn_close(c, "%s", end_done ? "run complete" : "server shutting down");
+}
+
+static void on_stream_done(uv_timer_t *t)
+{
+    struct server *s = t->data;
+    for (struct conn *c = s->conn_list; c; c = c->next) {
+        if (c->state == CONN_CLOSING) {
+            c->offer_pending = c->run_end_pending = 0;
+            continue;
+        }
+        if (c->send_blob)
+            continue;
+        if (c->run_end_pending) {
+            end_conn(s, c);
+        } else if (c->offer_pending) {
+            c->offer_pending = 0;
+            round_offer_waiting(s, c);
+        }
+    }
+}
+
+void server_stream_done(struct server *s)
+{
+    uv_timer_start(&stream_done_timer, on_stream_done, 0, 0);
+}
+
+/* Shutdown: streams that have not finished by now are cut after their chunk. */
+static void on_drain(uv_timer_t *t)
+{
+    struct server *s = t->data;
+    for (struct conn *c = s->conn_list; c; c = c->next)
+        if (c->run_end_pending && c->state != CONN_CLOSING)
+            end_conn(s, c);
 }
 
 void server_shutdown(struct server *s, int done, const char *reason)
@@ -277,17 +334,25 @@ void server_shutdown(struct server *s, int done, const char *reason)
         return;
     s->stopping = 1;
     coh_notice("main", "shutting down: %s", reason);
-    Cohort__RunEnd re = COHORT__RUN_END__INIT;
-    re.reason = (char *)reason;
-    re.last_round = s->last_committed;
-    re.done = done;
-    Cohort__Envelope e = COHORT__ENVELOPE__INIT;
-    e.body_case = COHORT__ENVELOPE__BODY_RUN_END;
-    e.run_end = &re;
+    snprintf(end_reason, sizeof end_reason, "%s", reason);
+    end_done = done;
+    /* A client in the middle of a model gets the rest of it first (the round's
+     * RoundResult already went out after its chunk), within SHUTDOWN_DRAIN_MS. */
+    int waiting = 0;
     for (struct conn *c = s->conn_list; c; c = c->next) {
-        if (c->state == CONN_READY)
-            conn_send(c, &e);
-        conn_close(c, "%s", done ? "run complete" : "server shutting down");
+        c->offer_pending = 0;
+        if (c->state == CONN_READY && c->send_blob && c->send_idx < c->send_blob->nchunks &&
+            !c->write_err) {
+            c->run_end_pending = 1;
+            waiting++;
+            continue;
+        }
+        end_conn(s, c);
+    }
+    if (waiting) {
+        coh_info("main", "%d client(s) still downloading a model: up to %d s for them",
+                 waiting, SHUTDOWN_DRAIN_MS / 1000);
+        uv_timer_start(&drain_timer, on_drain, SHUTDOWN_DRAIN_MS, 0);
     }
     uv_timer_stop(&s->round_timer);
     gossip_stop(s);
@@ -436,6 +501,10 @@ int main(int argc, char **argv)
     uv_timer_init(s->loop, &sweep_timer);
     sweep_timer.data = s;
     uv_timer_start(&sweep_timer, on_sweep, 1000, 1000);
+    uv_timer_init(s->loop, &stream_done_timer);
+    stream_done_timer.data = s;
+    uv_timer_init(s->loop, &drain_timer);
+    drain_timer.data = s;
     if (s->cfg.gossip && gossip_init(s) < 0)
         goto out;
     if (http_start(s) < 0) {

@@ -44,6 +44,9 @@ void round_handover(struct server *s, struct conn *old, struct conn *c);
 /* 1 while the current round, offered to c, is not committed yet (its silence is
  * then training or waiting for the result, not idling). */
 int round_awaits(struct server *s, const struct conn *c);
+/* c's earlier model stream ended: send the round offer that waited for it, if
+ * the round is still open and the offer still c's. */
+void round_offer_waiting(struct server *s, struct conn *c);
 /* The upload of c passed --upload-timeout-ms: drop it and close c. */
 void round_upload_expired(struct server *s, struct conn *c);
 /* Jobs still running on the thread pool (shutdown waits for 0). */

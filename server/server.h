@@ -216,7 +216,11 @@ void server_iso_now(char *buf, size_t len);
 /* One line of a list file (--allow-clients, --peers-file) with its surrounding blanks cut
  * off in place; NULL for a blank or '#' comment line, which the files allow anywhere. */
 char *server_list_entry(char *line);
-/* Starts an orderly shutdown; done=1 tells clients the run is over. */
+/* Starts an orderly shutdown; done=1 tells clients the run is over. A client
+ * still downloading a model gets the rest of it first (at most SHUTDOWN_DRAIN_MS). */
 void server_shutdown(struct server *s, int done, const char *reason);
+/* A model stream ended on a connection with offer_pending or run_end_pending:
+ * handled from the next loop turn (not inside the stream's TLS calls). */
+void server_stream_done(struct server *s);
 
 #endif
