@@ -51,6 +51,7 @@ FLOWER = {(10, 1000000): (0.35, 528e6), (10, 10000000): (5.0, 3.9e9),
 OUT = None
 PERF_DIR = None
 SCHED_DIR = None
+CPU_DIR = None
 ONLY = None
 
 
@@ -140,7 +141,7 @@ class Bench:
     def ca(self):
         return os.path.join(self.certs, "ca.pem"), os.path.join(self.certs, "ca.key")
 
-    def start_server(self, p, tag, extra=()):
+    def start_server(self, p, tag, extra=(), hwm_interval=0.01):
         """cohortd on a fresh state dir with a P-float model; returns (proc, port, state)."""
         self.make_certs(max(self.ncerts, 1))
         port = free_port()
@@ -165,7 +166,7 @@ class Bench:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         same_autogroup_nice(proc.pid)
-        proc.hwm = HwmWatch(proc.pid)
+        proc.hwm = HwmWatch(proc.pid, hwm_interval)
         self.procs.append(proc)
         wait_port(port, proc, timeout=30)
         proc.perf = None
@@ -258,9 +259,10 @@ class HwmWatch:
     Python had the interpreter's (with vfork as much as with fork). So ru_maxrss is
     max(this script's RSS, the child's): 16-20 MiB for any small child here."""
 
-    def __init__(self, pid):
+    def __init__(self, pid, interval=0.01):
         self.pid = pid
         self.hwm = 0
+        self.interval = interval
         self.done = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()
@@ -277,7 +279,7 @@ class HwmWatch:
         return False
 
     def run(self):
-        while self.read() and not self.done.wait(0.01):
+        while self.read() and not self.done.wait(self.interval):
             pass
 
     def stop(self):
@@ -365,6 +367,56 @@ def sched_phases(tag, rec, data, lc_stdout, server_pid):
         f.write("# round timelines of %s (bench/round_timeline.py)\n\n" % tag)
         f.write(tl.stdout if tl.returncode == 0 and tl.stdout else
                 "round_timeline.py failed: %s\n" % tl.stderr[-500:])
+
+
+def cpu_record(tag):
+    """With --cpu: starts a host-wide perf recording (all CPUs, kernel call chains,
+    CLOCK_MONOTONIC stamps) for cpu_kinds(); None otherwise."""
+    if not CPU_DIR:
+        return None
+    data = os.path.join(CPU_DIR, "cpu-%s.data" % tag)
+    rec = subprocess.Popen(["perf", "record", "-q", "-a", "-g", "-F", "1999", "-k", "mono",
+                            "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rec.data = data
+    time.sleep(0.3)
+    return rec
+
+
+def perf_stop(rec, timeout=120):
+    """Ends a perf recording (SIGINT lets it write its file), killing it if it hangs."""
+    if rec is None:
+        return
+    rec.send_signal(signal.SIGINT)
+    try:
+        rec.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rec.kill()
+        rec.wait()
+
+
+def cpu_kinds(rec, tag, params, window, rounds, roles, loop_tid=None):
+    """Emits a round_cpu_kinds line: the host's core-ms per round in the window by
+    process role and kind of work (bench/cpu_kinds.py); the JSON also goes to
+    CPU_DIR/cpu-TAG.json."""
+    if rec is None:
+        return
+    args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "cpu_kinds.py"), rec.data,
+            "--window", "%.6f" % window[0], "%.6f" % window[1], "--rounds", str(rounds)]
+    args += ["--role=%d=%s" % (pid, name) for pid, name in roles.items()]
+    if loop_tid is not None:
+        args += ["--loop-tid", str(loop_tid)]
+    ck = subprocess.run(args, capture_output=True, text=True)
+    if ck.returncode != 0 or not ck.stdout:
+        emit({"name": "round_cpu_kinds", "params": params,
+              "error": "cpu_kinds.py failed: %s" % ck.stderr[-500:]})
+        return
+    with open(os.path.join(CPU_DIR, "cpu-%s.json" % tag), "w") as f:
+        f.write(ck.stdout)
+    d = json.loads(ck.stdout)
+    emit({"name": "round_cpu_kinds", "params": params, "value": d["core_ms_per_round"],
+          "unit": "core-ms per round", "samples": d["samples"], "by": d["by"],
+          "note": "perf record -a -g -F 1999 over rounds 2..R; idle = the swapper"})
 
 
 def rss_parts(pid):
@@ -613,14 +665,24 @@ def ingest_lc(b, n, p, rounds, aes, floor_gbps, loops_gbps):
 def tls_floor(b, n, p, rounds, loops, upload_only=False):
     """One bench-tlsfloor run with its server as `loops` epoll loops (0: a thread per
     connection): its JSON line, or {"error": why} when it failed."""
+    rec = None if upload_only else cpu_record("floor-%d-%d-loops%d" % (n, p, loops))
     try:
         fr = run([b.tlsfloor, "--certs", b.certs, "--clients", str(n), "--bytes", str(4 * p),
                   "--rounds", str(rounds), "--server-loops", str(loops)]
                  + (["--upload-only"] if upload_only else []), timeout=600, check=False)
     except subprocess.TimeoutExpired:
+        perf_stop(rec)
         return {"error": "bench-tlsfloor did not finish in 600 s"}
+    perf_stop(rec)
     fl = json_lines(fr.stdout)
     if fr.returncode == 0 and fl and fl[0].get("value"):
+        w = fl[0].get("window_mono")
+        if rec is not None and w and fl[0].get("server_pid"):
+            # The clients are threads of bench-tlsfloor itself, the server its child.
+            cpu_kinds(rec, "floor-%d-%d-loops%d" % (n, p, loops),
+                      {"N": n, "P": p, "what": "tls floor", "server_loops": loops,
+                       "rounds": "2..%d" % rounds}, w, rounds - 1,
+                      {fl[0]["server_pid"]: "server", fl[0].get("pid", -1): "clients"})
         return fl[0]
     return {"error": "bench-tlsfloor failed (%d): %s" % (fr.returncode, fr.stderr[-300:])}
 
@@ -668,9 +730,13 @@ def bench_round(b, quick):
                           "error": lf.get("error"),
                           "note": "bench-tlsfloor --server-loops %d: as round_tls_floor, the server "
                                   "%d epoll loop(s), connection i on loop i mod %d" % (k, k, k)})
+            # bench-lcclients reads cohortd's loop CPU and VmHWM at each round result
+            # (--server-pid): polling /proc from here every 5-10 ms took about 15
+            # core-ms per round from the rounds it measured. The watch stays as a
+            # slow safety net for the peak.
             proc, port, state = b.start_server(p, tag, [
                 "--min-clients", str(n), "--rounds", str(rounds), "--durability", durability,
-                "--max-connections", str(n + 100)])
+                "--max-connections", str(n + 100)], hwm_interval=0.5)
             t_start = time.time()
             sched = None
             if SCHED_DIR:
@@ -681,22 +747,17 @@ def bench_round(b, quick):
                                           "-o", sched_data],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 time.sleep(0.3)
+            cpu_rec = cpu_record(tag)
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            loop_cpu = LoopCpu(proc.pid)
             try:
                 r = run([b.lcclients, "--server", "127.0.0.1:%d" % port, "--ca", ca, "--certs",
-                         b.certs, "--clients", str(n)], timeout=900, check=False)
+                         b.certs, "--clients", str(n), "--server-pid", str(proc.pid)],
+                        timeout=900, check=False)
                 wall = time.time() - t_start
                 ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             finally:
-                loop_cpu.stop()
-                if sched:
-                    sched.send_signal(signal.SIGINT)
-                    try:
-                        sched.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        sched.kill()
-                        sched.wait()
+                perf_stop(cpu_rec)
+                perf_stop(sched, 60)
             if sched:
                 sched_phases(tag, sched, sched_data, r.stdout, proc.pid)
             clients_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
@@ -714,6 +775,12 @@ def bench_round(b, quick):
                           r.returncode, rc, summ.get("first_error", ""), r.stderr[-500:])})
                 continue
             times = [per[k]["t_result"] - per[k - 1]["t_result"] for k in range(2, rounds + 1)]
+            if summ.get("t0_monotonic") is not None:
+                t0m = summ["t0_monotonic"]
+                cpu_kinds(cpu_rec, tag, dict(params, what="cohort"),
+                          (t0m + per[1]["t_result"], t0m + per[rounds]["t_result"]), rounds - 1,
+                          {proc.pid: "cohortd", summ.get("pid", -1): "clients"},
+                          loop_tid=proc.pid)
             srv = server_durations(state)
             med = statistics.median(times)
             # The host's CPU per round (all processes; the machine runs only this): with
@@ -722,10 +789,10 @@ def bench_round(b, quick):
             busy = per[rounds]["host_busy_s"] - per[1]["host_busy_s"]
             span = per[rounds]["t_result"] - per[1]["t_result"]
             cpu_round = busy / (rounds - 1)
-            t0m = summ.get("t0_monotonic")
-            l1 = loop_cpu.at(t0m + per[1]["t_result"]) if t0m else None
-            lr = loop_cpu.at(t0m + per[rounds]["t_result"]) if t0m else None
-            loop_round = (lr - l1) / (rounds - 1) if l1 is not None and lr is not None else None
+            l1 = per[1].get("server_loop_cpu_s")
+            lr = per[rounds].get("server_loop_cpu_s")
+            loop_round = (lr - l1) / (rounds - 1) if l1 and lr else None
+            rss = max(rss, summ.get("server_hwm_kib", 0) * 1024)
             # How soon the first update is taken once the first client has the model:
             # while cohortd writes the broadcast, uploads wait unless it reads between.
             first_ack = [per[k]["t_first_ack"] - per[k]["t_first_train"]
@@ -983,7 +1050,7 @@ def bench_client(b, quick, src):
 
 
 def main():
-    global OUT, PERF_DIR, ONLY, SCHED_DIR
+    global OUT, PERF_DIR, ONLY, SCHED_DIR, CPU_DIR
     ap = argparse.ArgumentParser()
     ap.add_argument("bench", choices=["ingest", "round", "memory", "scale", "client"])
     ap.add_argument("--build", required=True)
@@ -996,6 +1063,10 @@ def main():
                     "per round phase, the core-ms of cohortd's loop, its pool, the clients "
                     "and idle (bench/sched_phases.py); and timeline-TAG.md: each round "
                     "step by step (bench/round_timeline.py)")
+    ap.add_argument("--cpu", help="round: record the whole host (perf record -a -g) during "
+                    "each cohort run and each TLS floor run, and emit round_cpu_kinds lines: "
+                    "core-ms per round by process and kind of work (bench/cpu_kinds.py); "
+                    "the recordings and their tables go into this directory")
     ap.add_argument("--only", help="only the points whose tag contains this (e.g. 10-10000000)")
     ap.add_argument("--out", help="append JSON lines here (default BUILD/bench/results.jsonl)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -1009,6 +1080,9 @@ def main():
         os.makedirs(SCHED_DIR, exist_ok=True)
     if PERF_DIR:
         os.makedirs(PERF_DIR, exist_ok=True)
+    CPU_DIR = os.path.abspath(a.cpu) if a.cpu else None
+    if CPU_DIR:
+        os.makedirs(CPU_DIR, exist_ok=True)
     # A shared machine: COHORT_BENCH_NICE=-10 gives the benchmark's processes (cohortd
     # and the clients inherit it) priority over other work; recorded in every line.
     # With the kernel's autogroups, nice only ranks processes inside one session, so

@@ -33,6 +33,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "bench_util.h"
 #include "cohort.h"
@@ -43,6 +44,10 @@ struct rt {
     double first_train, last_train, first_ack, last_ack, first_result;
     double release;        /* --upload-barrier: when the last client had the model */
     double busy_at_result; /* the host's CPU seconds (bench_host_busy_s) at first_result */
+    /* --server-pid: cohortd's loop thread on a CPU / waiting for one (schedstat, s)
+     * and its VmHWM (KiB), read at first_result */
+    double loop_cpu_at_result, loop_wait_at_result;
+    long server_hwm_kib;
     int acks, refused;
     /* Every client's model-received and UpdateAck times, for round timelines
      * (bench/round_timeline.py); allocated for nclients in main. */
@@ -58,6 +63,40 @@ static int inplace;
 static int single;                 /* --mode single: inplace with one model buffer */
 static double t0;
 static int upload_barrier, nclients;
+/* --server-pid: read at each round's result here, so the benchmark's script does not
+ * poll /proc while rounds run (its polling cost about 1.5 % of the host's CPU). */
+static int server_pid;
+
+static void server_loop_times(double *on, double *wait)
+{
+    char path[64];
+    unsigned long long a = 0, b = 0;
+    snprintf(path, sizeof path, "/proc/%d/task/%d/schedstat", server_pid, server_pid);
+    FILE *f = fopen(path, "r");
+    if (f && fscanf(f, "%llu %llu", &a, &b) == 2) {
+        *on = (double)a * 1e-9;
+        *wait = (double)b * 1e-9;
+    }
+    if (f)
+        fclose(f);
+}
+
+static long proc_kib(int pid, const char *field)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    FILE *f = fopen(path, "r");
+    long v = 0;
+    size_t fl = strlen(field);
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, field, fl) == 0 && line[fl] == ':') {
+            v = atol(line + fl + 1);
+            break;
+        }
+    if (f)
+        fclose(f);
+    return v;
+}
 
 /* --upload-barrier: a barrier that gives up after two minutes (a client that failed or
  * reconnected mid-round would otherwise hold the others forever); once broken it stays
@@ -106,6 +145,10 @@ static void on_event(const struct cohort_event *ev, void *user)
         if (r->first_result == 0 || now < r->first_result) {
             r->first_result = now;
             r->busy_at_result = bench_host_busy_s();
+            if (server_pid) {
+                server_loop_times(&r->loop_cpu_at_result, &r->loop_wait_at_result);
+                r->server_hwm_kib = proc_kib(server_pid, "VmHWM");
+            }
         }
     } else if (ev->kind == COHORT_EV_UPDATE_ACK) {
         if (ev->err == 0) {
@@ -194,18 +237,7 @@ static void *run(void *arg)
 
 static long self_kib(const char *field)
 {
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    long v = 0;
-    size_t fl = strlen(field);
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, field, fl) == 0 && line[fl] == ':') {
-            v = atol(line + fl + 1);
-            break;
-        }
-    if (f)
-        fclose(f);
-    return v;
+    return proc_kib((int)getpid(), field);
 }
 
 int main(int argc, char **argv)
@@ -230,6 +262,7 @@ int main(int argc, char **argv)
         else if (strcmp(argv[i], "--first") == 0) first = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--examples") == 0) examples = strtoull(argv[i + 1], NULL, 10);
         else if (strcmp(argv[i], "--mode") == 0) mode = argv[i + 1];
+        else if (strcmp(argv[i], "--server-pid") == 0) server_pid = atoi(argv[i + 1]);
         else {
             fprintf(stderr, "bench-lcclients: unknown option %s\n", argv[i]);
             return 2;
@@ -238,7 +271,7 @@ int main(int argc, char **argv)
     if (!server || !ca || !certs || n < 1) {
         fprintf(stderr, "usage: bench-lcclients --server H:P --ca CA --certs DIR --clients N "
                         "[--first I] [--examples E] [--mode update|inplace|single] "
-                        "[--upload-barrier]\n");
+                        "[--upload-barrier] [--server-pid PID]\n");
         return 2;
     }
     single = strcmp(mode, "single") == 0;
@@ -315,6 +348,7 @@ int main(int argc, char **argv)
         }
     }
     double t1 = bench_now() - t0;
+    long server_hwm = 0;
     for (int r = 1; r <= MAX_ROUNDS; r++) {
         struct rt *x = &rts[r];
         if (x->first_train == 0 && x->first_result == 0)
@@ -327,14 +361,23 @@ int main(int argc, char **argv)
                x->first_ack, x->last_ack, x->first_result, x->busy_at_result);
         if (upload_barrier)
             printf(", \"t_release\": %.6f", x->release);
+        if (server_pid) {
+            printf(", \"server_loop_cpu_s\": %.6f, \"server_loop_wait_s\": %.6f, "
+                   "\"server_hwm_kib\": %ld", x->loop_cpu_at_result, x->loop_wait_at_result,
+                   x->server_hwm_kib);
+            if (x->server_hwm_kib > server_hwm)
+                server_hwm = x->server_hwm_kib;
+        }
         print_times("t_models", x->t_models, x->nmodels);
         print_times("t_acks", x->t_acks, x->nacks);
         printf("}\n");
     }
     printf("{\"name\": \"lc_summary\", \"params\": {\"N\": %d, \"mode\": \"%s\"}, \"failed\": %d, "
            "\"wall_s\": %.3f, \"t0_monotonic\": %.6f, \"maxrss_kib\": %ld, "
-           "\"barrier_broken\": %s, \"first_error\": \"",
-           n, mode, failed, t1, t0, self_kib("VmHWM"), b_broken ? "true" : "false");
+           "\"pid\": %d, \"server_hwm_kib\": %ld, \"barrier_broken\": %s, "
+           "\"first_error\": \"",
+           n, mode, failed, t1, t0, self_kib("VmHWM"), (int)getpid(), server_hwm,
+           b_broken ? "true" : "false");
     for (const char *p = first_err; *p; p++)
         if (*p != '"' && *p != '\\' && (unsigned char)*p >= 0x20)
             putchar(*p);

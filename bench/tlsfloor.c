@@ -509,9 +509,13 @@ int main(int argc, char **argv)
     double busy = busy_end[rounds - 1] - busy_start[1];
     double srv = srv_end[rounds - 1] - srv_start[1];
     double wall = t_end[rounds - 1] - t_start[1];
+    /* window_mono and server_pid let a host-wide profile count rounds 2..R and
+     * tell the server's samples from the clients' (bench/cpu_kinds.py). */
     printf("], \"value\": %.4f, \"unit\": \"s\", \"host_cpu_s_per_round\": %.3f, "
-           "\"host_cores_busy\": %.2f, \"server_cpu_s_per_round\": %.3f}\n",
-           med, busy / m, wall > 0 ? busy / wall : 0.0, srv / m);
+           "\"host_cores_busy\": %.2f, \"server_cpu_s_per_round\": %.3f, "
+           "\"window_mono\": [%.6f, %.6f], \"server_pid\": %d, \"pid\": %d}\n",
+           med, busy / m, wall > 0 ? busy / wall : 0.0, srv / m, t_start[1], t_end[rounds - 1],
+           (int)pid, (int)getpid());
     for (int i = 0; i < nclients; i++)
         free(cl[i].buf);
     free(cl);
